@@ -1,0 +1,276 @@
+"""The ``btc`` command line: a thin door onto the library (typer)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Brain tumour MRI classification: data, training, evaluation, explanation, prediction.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Demo data, manifests, leakage-free splits and validation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s train.epochs=5 (repeatable)")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _config(config: Path | None, overrides: list[str] | None):
+    from btc.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        raise fail(str(err)) from None
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="folder to write the Kaggle-style dataset into")],
+    per_class: Annotated[int, typer.Option(help="images per class")] = 60,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same bytes)")] = 0,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 128,
+):
+    """Generate a synthetic MRI dataset (Training/ and Testing/ class folders, lesions.csv)."""
+    from btc.data.synth import generate_synthetic_dataset
+
+    try:
+        root = generate_synthetic_dataset(out, per_class=per_class, seed=seed, size=size)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    typer.echo(f"wrote {per_class} images per class to {root} (lesion boxes: {root / 'lesions.csv'})")
+
+
+def _manifest_or_fail(data: Path):
+    from btc.data.discover import DatasetLayoutError
+    from btc.data.manifest import build_manifest, unreadable
+
+    try:
+        manifest = build_manifest(data)
+    except (DatasetLayoutError, ValueError) as err:
+        raise fail(str(err)) from None
+    bad = unreadable(manifest)
+    for row in bad.itertuples():
+        typer.secho(f"skipped unreadable file {row.path}: {row.error}", fg=typer.colors.YELLOW, err=True)
+    return manifest
+
+
+@data_app.command("manifest")
+def data_manifest(
+    data: Annotated[Path, typer.Argument(help="dataset folder (Kaggle layout or <class>/ folders)")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write")] = Path("manifest.parquet"),
+):
+    """Build the manifest: one row per image with size, mode, hashes and readability."""
+    from btc.data.manifest import manifest_digest, save_manifest
+
+    manifest = _manifest_or_fail(data)
+    save_manifest(manifest, out)
+    typer.echo(f"{len(manifest)} files ({int((~manifest['readable']).sum())} unreadable), "
+               f"digest {manifest_digest(manifest)} -> {out}")
+    typer.echo(manifest.groupby(["source_split", "label"]).size().to_string())
+
+
+@data_app.command("split")
+def data_split(
+    data: Annotated[Path, typer.Argument(help="dataset folder or a manifest .parquet")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write")] = Path("split.parquet"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Split without leakage: exact duplicates dropped, near-duplicate clusters kept in one split."""
+    from btc.data.manifest import load_manifest
+    from btc.data.split import split_summary, split_without_leakage
+
+    cfg = _config(config, set_)
+    manifest = load_manifest(data) if data.suffix == ".parquet" else _manifest_or_fail(data)
+    d = cfg.data
+    split = split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                  near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    split.to_parquet(out, index=False)
+    typer.echo(split_summary(split).to_string())
+    typer.echo(f"test images with a near duplicate in train/val: {int(split['near_dup_in_train'].sum())} -> {out}")
+
+
+def prepare_split(data: Path, cfg):
+    """Manifest + split for a dataset folder, or a split/manifest Parquet file as it is."""
+    import pandas as pd
+
+    from btc.data.split import split_without_leakage
+
+    if data.suffix == ".parquet":
+        table = pd.read_parquet(data)
+        if "split" in table:
+            return table
+        manifest = table
+    else:
+        manifest = _manifest_or_fail(data)
+    d = cfg.data
+    return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                 near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="dataset folder, or a split .parquet from `btc data split`")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="run folder; default <output_dir>/<timestamp>")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="compact_cnn, resnet18, resnet34, efficientnet_b0, mobilenet_v3_small")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="maximum epochs")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="torchvision ImageNet weights (internet)")] = False,
+    init_weights: Annotated[Optional[Path], typer.Option(help="offline weights (state_dict .pt)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from <out>/last.pt")] = False,
+    evaluate: Annotated[bool, typer.Option(help="evaluate on the test split afterwards")] = True,
+):
+    """Train a CNN on the train split, early-stopping on validation macro-F1."""
+    from btc.training import train_model
+
+    overrides = list(set_ or [])
+    overrides += [f"model.arch={arch}"] if arch else []
+    overrides += [f"train.epochs={epochs}"] if epochs else []
+    overrides += ["model.pretrained=true"] if pretrained else []
+    overrides += [f"model.init_weights={init_weights}"] if init_weights else []
+    cfg = _config(config, overrides)
+    split = prepare_split(data, cfg)
+    run_dir = out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        result = train_model(cfg, split, run_dir, resume=resume)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    best = max(result.history, key=lambda h: h["val_macro_f1"])
+    typer.echo(f"trained on {result.device} in {result.seconds:.0f}s; best epoch {best['epoch']} "
+               f"val macro-F1 {best['val_macro_f1']:.4f}; temperature {result.temperature:.3f}")
+    typer.echo(f"model: {result.model_path}")
+    if evaluate:
+        _evaluate(str(result.model_path), run_dir / "split.parquet", "test", run_dir / "evaluation", None, cfg)
+
+
+def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg) -> dict:
+    import pandas as pd
+
+    from btc.evaluate import rows_to_evaluate, summary_lines, write_report
+    from btc.predict import Predictor
+    from btc.reports import evaluation_artifacts, load_history
+
+    try:
+        predictor = Predictor.load(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    if data is None:
+        data = Path(model).parent / "split.parquet"
+        if not data.is_file():
+            raise fail("no --data given and no split.parquet beside the model; pass --data DIR")
+    table = pd.read_parquet(data) if data.suffix == ".parquet" else _manifest_or_fail(data)
+    try:
+        rows = rows_to_evaluate(table, split if "split" in table else ("test" if split else None))
+    except ValueError as err:
+        raise fail(str(err)) from None
+    history = load_history(Path(model)) if not model.startswith(("models:/", "runs:/")) else None
+    report = evaluation_artifacts(predictor, rows, out_dir, history=history, n_bins=cfg.eval.ece_bins,
+                                  gradcam_per_class=cfg.eval.gradcam_per_class, progress=True)
+    if json_path:
+        write_report(report, json_path)
+    for line in summary_lines(report):
+        typer.echo(line)
+    typer.echo(f"report and plots: {out_dir}")
+    return report
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI (models:/name@champion)")],
+    data: Annotated[Optional[Path], typer.Option(help="dataset folder, manifest or split .parquet; default the run's split")] = None,
+    split: Annotated[str, typer.Option(help="which split of a split file to use ('all' for every readable image)")] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="folder for metrics.json and plots")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the metrics JSON here")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Evaluate a model: accuracy, per-class P/R/F1, ROC-AUC, ECE before/after temperature, plots."""
+    cfg = _config(config, set_)
+    out_dir = out or (Path(model).parent / "evaluation" if not model.startswith(("models:/", "runs:/")) else Path("evaluation"))
+    _evaluate(model, data, None if split == "all" else split, out_dir, json_path, cfg)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (JPEG, PNG, DICOM)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+):
+    """Print class probabilities for each image."""
+    from btc.data.images import ImageDecodeError
+    from btc.predict import Predictor
+
+    try:
+        predictor = Predictor.load(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    failed = 0
+    for path in images:
+        try:
+            result = predictor.predict([path.read_bytes()])[0]
+        except (ImageDecodeError, OSError) as err:
+            typer.secho(f"{path}: cannot use this image: {err}", fg=typer.colors.RED, err=True)
+            failed += 1
+            continue
+        if as_json:
+            typer.echo(json.dumps({"path": str(path), **result}))
+        else:
+            probs = "  ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
+            typer.echo(f"{path}: {result['label']} ({result['confidence']:.3f})  [{probs}]")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="image file")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI")],
+    out: Annotated[Path, typer.Option(help="folder for heatmap.png and overlay.png")] = Path("explanation"),
+):
+    """Grad-CAM heatmap and overlay PNG for one image."""
+    import numpy as np
+    from PIL import Image
+
+    from btc.data.images import ImageDecodeError
+    from btc.predict import Predictor
+
+    try:
+        predictor = Predictor.load(model)
+        heat, over, result = predictor.explain(image.read_bytes())
+    except (FileNotFoundError, ValueError, ImageDecodeError, OSError) as err:
+        raise fail(f"{image}: {err}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    stem = image.stem
+    Image.fromarray((heat * 255).astype(np.uint8)).save(out / f"{stem}_heatmap.png")
+    Image.fromarray(over).save(out / f"{stem}_overlay.png")
+    typer.echo(f"{image}: {result['label']} ({result['confidence']:.3f}); overlay {out / f'{stem}_overlay.png'}")
+
+
+@app.command("pointing-game")
+def pointing_game_cmd(
+    data: Annotated[Path, typer.Argument(help="synthetic dataset folder with lesions.csv")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI")],
+):
+    """On synthetic data: how often the Grad-CAM peak falls inside the lesion's box."""
+    from btc.explain_eval import pointing_game_on_folder
+
+    try:
+        result = pointing_game_on_folder(model, data)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,179 @@
+"""One typed configuration for every stage, loaded from YAML with command-line overrides.
+
+Importing this module has no side effects: it creates no folders and touches no tracking
+server. ``Config`` is saved as ``config.yaml`` next to every artifact it produced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    image_size: int = Field(128, ge=32, le=1024, description="side of the square network input, px")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="used only when the data has no Testing folder")
+    near_duplicate_distance: int = Field(
+        40, ge=0, le=128,
+        description="Hamming distance between 256-bit pHashes at or below which two images are near duplicates",
+    )
+    seed: int = 0
+    cache_dir: Path | None = Field(None, description="decoded-image cache; default <output_dir>/cache")
+
+
+class ModelConfig(_Section):
+    arch: Literal["compact_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small"] = "compact_cnn"
+    width: int = Field(32, ge=8, le=256, description="base channel count of compact_cnn")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    pretrained: bool = Field(False, description="torchvision ImageNet weights (needs the internet)")
+    init_weights: Path | None = Field(None, description="offline weights: a state_dict .pt file")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    balance: Literal["weights", "sampler", "none"] = "weights"
+    patience: int = Field(6, ge=1, description="epochs without a better validation macro-F1 before stopping")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores")
+    rotation_degrees: float = Field(10.0, ge=0, le=45)
+    hflip: bool = True
+    intensity_jitter: float = Field(0.15, ge=0, le=1, description="brightness and contrast jitter amplitude")
+    gamma_jitter: float = Field(0.2, ge=0, le=1)
+    scale_jitter: float = Field(0.08, ge=0, le=0.5)
+
+
+class EvalConfig(_Section):
+    ece_bins: int = Field(15, ge=2)
+    gradcam_per_class: int = Field(4, ge=0)
+
+
+class GatesConfig(_Section):
+    min_macro_f1: float = Field(0.80, ge=0, le=1)
+    min_tumour_recall: dict[str, float] = Field(
+        default_factory=lambda: {"glioma": 0.75, "meningioma": 0.75, "pituitary": 0.75},
+        description="recall floor per tumour class: a missed tumour is the costly error",
+    )
+    min_margin_over_champion: float = Field(0.0, ge=-1, le=1, description="challenger macro-F1 - champion macro-F1")
+    max_ece: float = Field(0.10, ge=0, le=1)
+    max_flip_change: float = Field(0.10, ge=0, le=1, description="share of predictions allowed to change under horizontal flip")
+    max_intensity_change: float = Field(0.10, ge=0, le=1, description="share allowed to change under a +-5% intensity shift")
+
+
+class RegistryConfig(_Section):
+    model_name: str = "btc-classifier"
+    experiment: str = "btc"
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+
+class ServingConfig(_Section):
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1024, description="width*height refused above this, before decoding")
+    max_batch_images: int = Field(32, ge=1)
+    ood_min_confidence: float = Field(0.5, ge=0, le=1)
+    log_images: bool = False
+
+
+class MonitoringConfig(_Section):
+    drift_share_threshold: float = Field(0.3, ge=0, le=1)
+    min_predictions: int = Field(30, ge=1)
+    window_hours: float = Field(24.0, gt=0)
+
+
+def _loader_modes() -> list[str]:
+    from btc.data.images import SUPPORTED_MODES  # one source of truth: the modes decode_gray handles
+
+    return list(SUPPORTED_MODES)
+
+
+class ValidationConfig(_Section):
+    min_class_share: float = Field(0.10, ge=0, le=0.25, description="smallest share of the images any class may have")
+    min_side_px: int = Field(64, ge=1, description="smallest width and height accepted")
+    max_side_px: int = Field(4096, ge=1, description="largest width and height accepted")
+    allowed_modes: list[str] = Field(default_factory=_loader_modes, description="PIL modes accepted (those the loader decodes)")
+    stats_mostly: float = Field(
+        0.95, gt=0, le=1, description="share of images whose statistics must lie within the reference ranges"
+    )
+    reference: Path | None = Field(None, description="statistics reference JSON; default expectations/reference_stats.json")
+    warn_only: list[str] = Field(
+        default_factory=lambda: ["no_exact_duplicates_within_source_split"],
+        description="expectations reported as warnings, not failures (the splitter drops exact copies itself)",
+    )
+
+
+class Config(_Section):
+    output_dir: Path = Path("runs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    def save(self, path: Path) -> Path:
+        """Write this config as YAML (the form :func:`load_config` reads)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        return path
+
+
+class ConfigError(ValueError):
+    """The config file or an override is invalid."""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``section.key=value`` overrides (values parsed as YAML) into a nested dict."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config from YAML (or the defaults) and apply ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a value is out of range.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors())
+        raise ConfigError(f"invalid config: {problems}") from None

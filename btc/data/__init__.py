@@ -1,0 +1,1 @@
+"""Data: discovery, decoding, manifest, leakage-free splitting, caching and synthetic data."""

@@ -1,0 +1,147 @@
+"""Decoding one image (JPEG, PNG or DICOM) into a grayscale uint8 array, safely.
+
+Every failure raises :class:`ImageDecodeError` with a reason a person can act on; the
+size limits are checked from the header, before the pixels are decoded, so a
+decompression bomb is refused without being expanded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# A truncated file must be an error, not a silently grey-padded image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own max_pixels check replaces PIL's global warning/limit.
+Image.MAX_IMAGE_PIXELS = None
+
+SUPPORTED_MODES = ("L", "RGB", "RGBA", "P", "LA", "I", "I;16", "F", "CMYK")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says about an image."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def _is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (InvalidDicomError, AttributeError, ValueError, EOFError) as err:
+        raise ImageDecodeError(f"not a readable DICOM image ({err})") from None
+    if rows * cols > max_pixels:
+        raise ImageDecodeError(f"image is {cols}x{rows} = {rows * cols} pixels, over the limit of {max_pixels}")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as err:  # pydicom raises many types for broken pixel data
+        raise ImageDecodeError(f"DICOM pixel data cannot be decoded ({err})") from None
+    if pixels.ndim == 3:  # multi-frame or colour: take the middle frame / mean of channels
+        pixels = pixels[pixels.shape[0] // 2] if pixels.shape[-1] not in (3, 4) else pixels[..., :3].mean(-1)
+    lo, hi = np.percentile(pixels, [0.5, 99.5])
+    scaled = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    return scaled.astype(np.uint8), ImageInfo("DICOM", cols, rows, "I;16")
+
+
+def read_header(data: bytes) -> ImageInfo:
+    """Identify an image from its header without decoding its pixels.
+
+    Raises:
+        ImageDecodeError: empty or not an image.
+    """
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if _is_dicom(data):
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return ImageInfo("DICOM", int(ds.Columns), int(ds.Rows), "I;16")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageInfo(im.format or "?", im.width, im.height, im.mode)
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image: the bytes are not JPEG, PNG, DICOM or another known format") from None
+
+
+def decode_gray(
+    source: bytes | Path | str, *, max_bytes: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, ImageInfo]:
+    """Decode an image into a 2-D uint8 grayscale array.
+
+    Args:
+        source: the file's bytes or its path.
+        max_bytes: refuse larger inputs (None: no limit).
+        max_pixels: refuse images whose header declares more pixels than this.
+
+    Returns:
+        The grayscale pixels and the header information (original mode and size).
+
+    Raises:
+        ImageDecodeError: empty, not an image, truncated, corrupt or over a limit.
+    """
+    if isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise ImageDecodeError(f"cannot read file: {err.strerror or err}") from None
+    else:
+        data = bytes(source)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageDecodeError(f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if _is_dicom(data):
+        return _decode_dicom(data, max_pixels)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image: the bytes are not JPEG, PNG, DICOM or another known format") from None
+    info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
+    if im.width * im.height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {im.width}x{im.height} = {im.width * im.height} pixels, over the limit of {max_pixels}"
+        )
+    if im.mode not in SUPPORTED_MODES:
+        raise ImageDecodeError(f"unsupported image mode {im.mode!r}; supported: {', '.join(SUPPORTED_MODES)}")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        reason = str(err)
+        if "truncated" in reason:
+            reason = "image file is truncated (incomplete data)"
+        raise ImageDecodeError(f"corrupt image: {reason}") from None
+    if im.mode in ("I", "I;16", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        gray = ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+    else:
+        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+    return gray, info
+
+
+def resize_gray(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize a grayscale uint8 image to ``size`` x ``size`` with antialiasing."""
+    if gray.shape == (size, size):
+        return gray
+    return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))

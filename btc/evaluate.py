@@ -1,0 +1,92 @@
+"""Evaluating a model on a set of images: metrics (raw and clean subset), calibration, plots.
+
+The clean subset drops test images that have a near duplicate in training
+(``near_dup_in_train``), so leakage cannot flatter the number that matters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from btc.data.cache import decode_all
+from btc.labels import CLASSES
+from btc.metrics import classification_metrics, expected_calibration_error, softmax
+from btc.predict import Predictor
+
+
+def rows_to_evaluate(table: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
+    """Readable rows of a manifest or split to evaluate (``split`` None: all readable rows)."""
+    rows = table[table["readable"]] if "readable" in table else table
+    if split is not None and "split" in rows:
+        rows = rows[rows["split"] == split]
+    elif split is not None and "source_split" in rows and (rows["source_split"] == "test").any():
+        rows = rows[rows["source_split"] == "test"]
+    if rows.empty:
+        raise ValueError(f"no readable images to evaluate (split={split!r}); check the data folder or manifest")
+    unknown = set(rows["label"]) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} are not classes; expected one of {', '.join(CLASSES)}")
+    return rows.sort_values("path")
+
+
+def predict_rows(predictor: Predictor, rows: pd.DataFrame, progress: bool = False) -> np.ndarray:
+    """Uncalibrated logits-equivalent: log-probabilities at temperature 1 for ``rows``."""
+    images = decode_all(list(rows["path"]), predictor.image_size, progress=progress)
+    return predictor.predict_proba(list(images), calibrated=False)
+
+
+def _metrics(probs_raw: np.ndarray, y: np.ndarray, temperature: float, n_bins: int) -> dict:
+    # Recover logits up to a constant from temperature-1 probabilities, then rescale.
+    logits = np.log(np.clip(probs_raw, 1e-12, 1))
+    calibrated = softmax(logits, temperature)
+    out = classification_metrics(y, calibrated, CLASSES, n_bins)
+    out["ece_before_temperature"] = expected_calibration_error(probs_raw, y, n_bins) if len(y) else 0.0
+    return out
+
+
+def evaluate_predictor(predictor: Predictor, rows: pd.DataFrame, *, n_bins: int = 15, progress: bool = False) -> dict:
+    """Metrics of ``predictor`` on ``rows``, with the clean subset and the predictions.
+
+    Returns:
+        A JSON-ready dict: ``n_images, accuracy, macro_f1, ece, ece_before_temperature,
+        per_class, macro_roc_auc, confusion_matrix, temperature, clean{...}, model`` and
+        ``predictions`` (path, label, predicted, probabilities) for plots and audits.
+    """
+    probs_raw = predict_rows(predictor, rows, progress)
+    y = rows["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    t = predictor.spec.temperature
+    report = _metrics(probs_raw, y, t, n_bins)
+    report["temperature"] = t
+    report["model"] = {"name": predictor.name, "version": predictor.version}
+    clean = ~rows["near_dup_in_train"].to_numpy(bool) if "near_dup_in_train" in rows else np.ones(len(rows), bool)
+    report["clean"] = _metrics(probs_raw[clean], y[clean], t, n_bins) if clean.any() else None
+    report["n_near_duplicates_of_train"] = int((~clean).sum())
+    calibrated = softmax(np.log(np.clip(probs_raw, 1e-12, 1)), t)
+    report["predictions"] = [
+        {"path": p, "label": lab, "predicted": CLASSES[int(q.argmax())], "probabilities": [float(v) for v in q]}
+        for p, lab, q in zip(rows["path"], rows["label"], calibrated)
+    ]
+    return report
+
+
+def write_report(report: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A few lines a person reads in a terminal."""
+    lines = [f"images {report['n_images']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+             f"ECE {report['ece_before_temperature']:.4f} -> {report['ece']:.4f} (T={report['temperature']:.3f})"]
+    if report.get("clean") and report["n_near_duplicates_of_train"]:
+        c = report["clean"]
+        lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
+    for cls, m in report["per_class"].items():
+        lines.append(f"  {cls:<11} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  n={m['support']}")
+    return lines

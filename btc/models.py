@@ -1,0 +1,171 @@
+"""Networks: a compact CNN designed for MRI slices, and torchvision backbones on one channel.
+
+Every model takes ``[B, 1, H, W]`` standardised slices and returns logits ``[B, 4]``. Each
+exposes ``features(x)`` (penultimate embedding, used by monitoring) and ``cam_layer`` (the
+last convolutional block, used by Grad-CAM).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from btc.labels import CLASSES
+
+ARCHS = ("compact_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small")
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut; ``stride`` 2 halves the resolution."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _conv_bn(cin, cout, stride)
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (
+            nn.Identity() if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class CompactMRINet(nn.Module):
+    """A small residual CNN for single-channel MRI slices, fast on a CPU.
+
+    A strided stem brings a 128 px slice to 64 px at once (MRI slices carry little detail at
+    the pixel level), then four residual stages of widths w, 2w, 4w, 8w halve the resolution
+    each time; global average pooling and dropout feed the classifier.
+    """
+
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.2, in_channels: int = 1):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_conv_bn(in_channels, w // 2, 2), _conv_bn(w // 2, w))
+        self.stages = nn.Sequential(
+            ResidualBlock(w, w, 2),
+            ResidualBlock(w, 2 * w, 2),
+            ResidualBlock(2 * w, 4 * w, 2),
+            ResidualBlock(4 * w, 8 * w, 2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8 * w, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.stages[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class TorchvisionClassifier(nn.Module):
+    """A torchvision backbone whose first convolution takes one channel."""
+
+    def __init__(self, arch: str, num_classes: int, dropout: float, pretrained: bool):
+        super().__init__()
+        import torchvision
+
+        weights = "DEFAULT" if pretrained else None
+        try:
+            net = torchvision.models.get_model(arch, weights=weights)
+        except Exception as err:  # download failures surface as URLError/RuntimeError/OSError
+            raise RuntimeError(
+                f"cannot load pretrained {arch} weights ({err}); without the internet use --init-weights PATH"
+            ) from None
+        if arch.startswith("resnet"):
+            net.conv1 = _one_channel(net.conv1)
+            dim = net.fc.in_features
+            net.fc = nn.Identity()
+            self.cam = net.layer4
+        else:  # efficientnet / mobilenet: features[0][0] is the stem convolution
+            net.features[0][0] = _one_channel(net.features[0][0])
+            dim = next(m for m in net.classifier if isinstance(m, nn.Linear)).in_features
+            net.classifier = nn.Identity()
+            self.cam = net.features[-1]
+        self.backbone = net
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.cam
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same convolution on one input channel; RGB weights are summed so pretrained filters keep their response."""
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def build_model(
+    arch: str = "compact_cnn",
+    *,
+    num_classes: int = len(CLASSES),
+    width: int = 32,
+    dropout: float = 0.2,
+    pretrained: bool = False,
+    init_weights: Path | None = None,
+) -> nn.Module:
+    """Create a classifier.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        num_classes: output classes.
+        width: base width of ``compact_cnn``.
+        dropout: dropout before the classifier.
+        pretrained: torchvision ImageNet weights (needs the internet).
+        init_weights: a state_dict file to start from (offline weights). 3-channel first
+            convolutions are summed to one channel; a classifier of another size is skipped.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    if arch == "compact_cnn":
+        model: nn.Module = CompactMRINet(num_classes, width, dropout)
+    else:
+        model = TorchvisionClassifier(arch, num_classes, dropout, pretrained)
+    if init_weights is not None:
+        load_init_weights(model, Path(init_weights))
+    return model
+
+
+def load_init_weights(model: nn.Module, path: Path) -> list[str]:
+    """Load matching tensors of a state_dict file into ``model``; returns the keys skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-weights file {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    own = model.state_dict()
+    prefixed = {k if k in own else f"backbone.{k}": v for k, v in state.items()}
+    usable, skipped = {}, []
+    for k, v in prefixed.items():
+        if k in own and v.ndim == 4 and v.shape[1] == 3 and own[k].shape[1] == 1:
+            v = v.sum(dim=1, keepdim=True)
+        (usable.__setitem__(k, v) if k in own and own[k].shape == v.shape else skipped.append(k))
+    if not usable:
+        raise ValueError(f"no tensor of {str(path)!r} matches the model; is it for another architecture?")
+    model.load_state_dict(usable, strict=False)
+    return skipped

@@ -1,0 +1,109 @@
+"""The prediction log: an append-only SQLite table the service writes and monitoring reads.
+
+SQLite in WAL mode lets several service workers append at once (writers take a short lock,
+readers never block) and survives restarts. Rows are never updated or deleted by btc.
+Images are stored only when asked (``image`` column, off by default).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts TEXT NOT NULL,                -- ISO-8601 UTC
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    predicted TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    prob_entropy REAL NOT NULL,
+    probabilities TEXT NOT NULL,     -- JSON {class: probability}
+    stats TEXT NOT NULL,             -- JSON image statistics (btc.data.stats.image_statistics)
+    embedding TEXT NOT NULL,         -- JSON list of floats: penultimate-layer embedding
+    ood INTEGER NOT NULL DEFAULT 0,  -- 1 when the input did not look like a brain MRI
+    image BLOB                       -- the upload, only when configured
+);
+CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
+"""
+
+
+class PredictionLog:
+    """Append and read prediction records.
+
+    Args:
+        path: the SQLite file (created with its folder on first use).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._ready = False
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self._ready:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=30)
+        if not self._ready:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+            self._ready = True
+        return con
+
+    def append(self, records: list[dict]) -> None:
+        """Append records (keys as in :data:`SCHEMA`; ``ts`` defaults to now)."""
+        now = datetime.now(timezone.utc).isoformat()
+        rows = [(r.get("ts", now), r["model_name"], str(r["model_version"]), r["predicted"], float(r["confidence"]),
+                 float(r["prob_entropy"]), json.dumps(r["probabilities"]), json.dumps(r["stats"]),
+                 json.dumps([round(float(v), 5) for v in r["embedding"]]), int(bool(r.get("ood", False))),
+                 r.get("image")) for r in records]
+        con = self._connect()
+        try:
+            with con:
+                con.executemany(
+                    "INSERT INTO predictions (ts, model_name, model_version, predicted, confidence, prob_entropy, "
+                    "probabilities, stats, embedding, ood, image) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        finally:
+            con.close()
+
+    def read(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+        """Records in ``[since, until)``, with probabilities and stats expanded into columns.
+
+        Columns: ``id, ts, model_name, model_version, predicted, confidence, prob_entropy, ood``,
+        ``p_<class>`` per class, one column per image statistic, and ``embedding`` (list).
+        An absent log reads as an empty frame.
+        """
+        if not self.path.is_file():
+            return pd.DataFrame()
+        query, args = "SELECT id, ts, model_name, model_version, predicted, confidence, prob_entropy, probabilities, " \
+                      "stats, embedding, ood FROM predictions WHERE 1=1", []
+        if since is not None:
+            query, args = query + " AND ts >= ?", args + [since.astimezone(timezone.utc).isoformat()]
+        if until is not None:
+            query, args = query + " AND ts < ?", args + [until.astimezone(timezone.utc).isoformat()]
+        con = self._connect()
+        try:
+            df = pd.read_sql_query(query + " ORDER BY id", con, params=args)
+        finally:
+            con.close()
+        if df.empty:
+            return df
+        probs = pd.DataFrame([json.loads(p) for p in df.pop("probabilities")]).add_prefix("p_")
+        stats = pd.DataFrame([json.loads(s) for s in df.pop("stats")])
+        df["embedding"] = [json.loads(e) for e in df["embedding"]]
+        df["ts"] = pd.to_datetime(df["ts"], utc=True, format="ISO8601")
+        df["ood"] = df["ood"].astype(bool)
+        return pd.concat([df, probs, stats], axis=1)
+
+    def count(self) -> int:
+        if not self.path.is_file():
+            return 0
+        con = self._connect()
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+        finally:
+            con.close()

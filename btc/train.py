@@ -1,0 +1,182 @@
+"""The training loop as plain functions: model, batches, optimizer and device in; metrics out.
+
+Nothing here knows about Prefect, MLflow or BentoML; callers log what these return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from btc.metrics import macro_f1
+from btc.transforms import Augment, preprocess, train_transform
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if present, else Apple MPS, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device):
+    # Mixed precision only where it pays: CUDA tensor cores. CPU autocast is slower here.
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device, non_blocking=True, memory_format=torch.channels_last) if x.ndim == 4 else x.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    loss_fn: nn.Module,
+    augment: Augment,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over ``batches``; returns mean loss, accuracy, images/s and seconds."""
+    model.train()
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress)
+    for images, labels in bar:
+        x = _to_device(train_transform(images.to(device), augment), device)
+        y = labels.to(device)
+        with _autocast(device):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(y)
+        total_loss += loss.item() * n
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "images_per_s": seen / seconds, "seconds": seconds}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every batch, in order (eval mode, no augmentation)."""
+    model.eval()
+    outs, ys = [], []
+    for images, labels in batches:
+        with _autocast(device):
+            outs.append(model(_to_device(preprocess(images.to(device)), device)).float().cpu())
+        ys.append(labels)
+    return torch.cat(outs).numpy(), torch.cat(ys).numpy()
+
+
+def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, loss_fn: nn.Module) -> dict[str, float]:
+    """Validation loss, accuracy and macro-F1."""
+    logits, labels = predict_logits(model, batches, device)
+    loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    pred = logits.argmax(1)
+    return {"loss": loss, "accuracy": float((pred == labels).mean()), "macro_f1": macro_f1(labels, pred, logits.shape[1])}
+
+
+def save_checkpoint(path: Path, **state) -> Path:
+    """Write a checkpoint atomically (a crash never leaves a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Batches,
+    val_batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epochs: int,
+    loss_fn: nn.Module,
+    augment: Augment,
+    checkpoint_dir: Path,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    patience: int = 5,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train with early stopping on validation macro-F1.
+
+    Writes ``last.pt`` (everything needed to resume) after every epoch and ``best.pt`` (the
+    weights with the best validation macro-F1) whenever it improves.
+
+    Returns:
+        One dict per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
+        ``val_accuracy``, ``val_macro_f1``, ``lr``, ``images_per_s``, ``seconds``.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    model.to(device, memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    history: list[dict] = []
+    best, since_best, start_epoch = -1.0, 0, 1
+    last = checkpoint_dir / "last.pt"
+    if resume and last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        history, best, since_best = state["history"], state["best"], state["since_best"]
+        start_epoch = len(history) + 1
+        torch.set_rng_state(state["torch_rng"])
+    for epoch in range(start_epoch, epochs + 1):
+        if since_best >= patience:
+            break
+        tr = train_one_epoch(model, train_batches, optimizer, device, loss_fn=loss_fn, augment=augment,
+                             scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}")
+        va = evaluate_batches(model, val_batches, device, loss_fn)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+               "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_f1": va["macro_f1"],
+               "lr": optimizer.param_groups[0]["lr"], "images_per_s": tr["images_per_s"], "seconds": tr["seconds"]}
+        history.append(row)
+        if va["macro_f1"] > best:
+            best, since_best = va["macro_f1"], 0
+            save_checkpoint(checkpoint_dir / "best.pt", model=model.state_dict(), epoch=epoch, val_macro_f1=best)
+        else:
+            since_best += 1
+        save_checkpoint(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict() if scheduler else None, history=history,
+                        best=best, since_best=since_best, torch_rng=torch.get_rng_state())
+        if progress:
+            tqdm.write(f"epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['accuracy']:.4f} | val loss {va['loss']:.4f} "
+                       f"acc {va['accuracy']:.4f} macro-F1 {va['macro_f1']:.4f} | {tr['images_per_s']:.0f} img/s")
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+    return history

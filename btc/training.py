@@ -1,0 +1,123 @@
+"""A training run from a config and a split: the one function the CLI and flows call.
+
+It wires the plain pieces together (cache, batches, model, optimizer, :func:`btc.train.fit`),
+fits the temperature on validation and writes, into ``out_dir``: ``model.pt``,
+``config.yaml``, ``history.json``, ``split.parquet`` and the resumable ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from btc.checkpoint import ModelSpec, save_model
+from btc.config import Config
+from btc.data.cache import cached_images
+from btc.data.loaders import ArrayBatches
+from btc.labels import CLASSES
+from btc.metrics import fit_temperature
+from btc.models import build_model
+from btc.train import fit, predict_logits, resolve_device
+from btc.transforms import Augment
+
+
+@dataclass
+class TrainResult:
+    """Where a run's outputs are and what it measured."""
+
+    out_dir: Path
+    model_path: Path
+    history: list[dict]
+    temperature: float
+    seconds: float
+    device: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def labels_of(rows: pd.DataFrame) -> np.ndarray:
+    return rows["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
+
+
+def class_weights(labels: np.ndarray) -> np.ndarray:
+    """Inverse-frequency weights, mean 1 (classes absent from training get weight 0)."""
+    counts = np.bincount(labels, minlength=len(CLASSES)).astype(float)
+    w = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+    return w * (counts > 0).sum() / w.sum()
+
+
+def augment_from(cfg: Config) -> Augment:
+    t = cfg.train
+    return Augment(rotation_degrees=t.rotation_degrees, scale_jitter=t.scale_jitter, hflip=t.hflip,
+                   intensity_jitter=t.intensity_jitter, gamma_jitter=t.gamma_jitter)
+
+
+def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
+    rows = split[split["split"] == name].sort_values("path")
+    if rows.empty:
+        raise ValueError(f"the split has no {name!r} images; cannot train without train and val images")
+    return cached_images(rows, cfg.data.image_size, cache_dir, progress=progress), labels_of(rows)
+
+
+def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the configured model on the ``train`` rows of ``split``, choosing on ``val``.
+
+    Args:
+        cfg: the whole config (only this adapter reads it; the loop takes plain arguments).
+        split: output of :func:`btc.data.split.split_without_leakage`.
+        out_dir: run folder for every output.
+        resume: continue from ``out_dir/last.pt`` if present.
+        progress: show progress bars.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "config.yaml")
+    split.to_parquet(out_dir / "split.parquet", index=False)
+    seed_everything(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    cache_dir = cfg.data.cache_dir or cfg.output_dir / "cache"
+
+    x_train, y_train = split_arrays(split, "train", cfg, cache_dir, progress)
+    x_val, y_val = split_arrays(split, "val", cfg, cache_dir, progress)
+    weights = class_weights(y_train)
+    bs = cfg.train.batch_size
+    train_batches = ArrayBatches(x_train, y_train, bs, shuffle=True, seed=cfg.train.seed, drop_last=len(y_train) > bs,
+                                 sample_weights=weights[y_train] if cfg.train.balance == "sampler" else None)
+    val_batches = ArrayBatches(x_val, y_val, 2 * bs)
+
+    m = cfg.model
+    model = build_model(m.arch, width=m.width, dropout=m.dropout, pretrained=m.pretrained, init_weights=m.init_weights)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * len(train_batches), pct_start=0.2)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32, device=device) if cfg.train.balance == "weights" else None,
+        label_smoothing=cfg.train.label_smoothing)
+    history = fit(model, train_batches, val_batches, optimizer, device, epochs=cfg.train.epochs, loss_fn=loss_fn,
+                  augment=augment_from(cfg), checkpoint_dir=out_dir, scheduler=scheduler,
+                  patience=cfg.train.patience, resume=resume, progress=progress)
+
+    best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    val_logits, val_labels = predict_logits(model, val_batches, device)
+    temperature = fit_temperature(val_logits, val_labels)
+    spec = ModelSpec(arch=m.arch, width=m.width, dropout=m.dropout, image_size=cfg.data.image_size,
+                     temperature=temperature, extra={"best_epoch": int(best["epoch"]), "val_macro_f1": float(best["val_macro_f1"])})
+    model_path = save_model(out_dir / "model.pt", model, spec)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    return TrainResult(out_dir, model_path, history, temperature, time.perf_counter() - start, str(device))

@@ -1,0 +1,126 @@
+"""Discovery, decoding and the manifest: layouts, labels, and every kind of bad file."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from btc.data.discover import DatasetLayoutError, find_images
+from btc.data.images import ImageDecodeError, decode_gray
+from btc.data.manifest import build_manifest, load_manifest, manifest_digest, save_manifest, unreadable
+from btc.labels import CLASSES, canonical_label
+
+
+def _write(path, size=(40, 30), mode="L", fmt="JPEG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    arr = rng.integers(0, 255, (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), dtype=np.uint8)
+    Image.fromarray(arr, mode).save(path, fmt)
+    return path
+
+
+@pytest.mark.parametrize("names", [
+    ("glioma", "meningioma", "notumor", "pituitary"),
+    ("glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"),
+])
+def test_kaggle_layouts_normalise_labels(tmp_path, names):
+    for split in ("Training", "Testing"):
+        for name in names:
+            _write(tmp_path / split / name / "a.jpg")
+    found = find_images(tmp_path)
+    assert sorted({f.label for f in found}) == list(CLASSES)
+    assert {f.source_split for f in found} == {"train", "test"}
+    assert len(found) == 8
+
+
+def test_flat_layout_png_rgb_any_size(tmp_path):
+    _write(tmp_path / "glioma" / "a.png", size=(300, 200), mode="RGB", fmt="PNG")
+    _write(tmp_path / "notumor" / "b.jpg", size=(50, 70))
+    m = build_manifest(tmp_path, progress=False)
+    assert list(m["source_split"]) == ["", ""]
+    assert set(m["mode"]) == {"RGB", "L"}
+    assert m.loc[m["label"] == "glioma", ["width", "height"]].values.tolist() == [[300, 200]]
+    assert m["readable"].all()
+
+
+def test_unknown_class_folder_names_it(tmp_path):
+    _write(tmp_path / "tumour_x" / "a.jpg")
+    with pytest.raises(ValueError, match="unknown class folder 'tumour_x'; expected one of glioma, meningioma"):
+        find_images(tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    _write(tmp_path / "glioma" / "a.jpg")
+    (tmp_path / "pituitary").mkdir()
+    with pytest.raises(DatasetLayoutError, match="pituitary.*is empty"):
+        find_images(tmp_path)
+
+
+def test_missing_folder_and_no_classes(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="does not exist"):
+        find_images(tmp_path / "nope")
+    with pytest.raises(DatasetLayoutError, match="no class folders"):
+        find_images(tmp_path)
+
+
+def test_bad_files_are_listed_with_reasons_and_counted(tmp_path):
+    good = _write(tmp_path / "glioma" / "good.jpg", size=(64, 64))
+    trunc = tmp_path / "glioma" / "truncated.jpg"
+    trunc.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (tmp_path / "glioma" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "glioma" / "text.jpg").write_text("this is not an image")
+    m = build_manifest(tmp_path, progress=False)
+    assert len(m) == 4  # nothing silently vanishes
+    bad = unreadable(m).set_index(m.loc[~m["readable"], "path"].map(lambda p: p.rsplit("/", 1)[1]).values)
+    assert "truncated" in bad.loc["truncated.jpg", "error"]
+    assert "empty file" in bad.loc["empty.jpg", "error"]
+    assert "not an image" in bad.loc["text.jpg", "error"]
+    assert m.loc[m["readable"], "phash"].str.len().eq(64).all()
+
+
+def test_decode_refuses_decompression_bomb_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (5000, 5000)).save(path)
+    with pytest.raises(ImageDecodeError, match="25000000 pixels, over the limit of 1000000"):
+        decode_gray(path, max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match="over the limit of 10 bytes"):
+        decode_gray(path, max_bytes=10)
+
+
+def test_dicom_is_decoded(tmp_path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    pixels = (np.arange(32 * 48, dtype=np.uint16).reshape(32, 48) * 3)
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 48, 16, 16, 15
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    gray, info = decode_gray(tmp_path / "x.dcm")
+    assert gray.shape == (32, 48) and gray.dtype == np.uint8 and info.format == "DICOM"
+    assert gray[0, 0] < gray[-1, -1]
+
+
+def test_manifest_roundtrip_and_digest(tmp_path, synth_root):
+    m = build_manifest(synth_root, progress=False)
+    path = save_manifest(m, tmp_path / "m.parquet")
+    again = load_manifest(path)
+    assert again.equals(m)
+    assert manifest_digest(again) == manifest_digest(m)
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_root, copy)
+    (next((copy / "Training" / "glioma").iterdir())).unlink()
+    assert manifest_digest(build_manifest(copy, progress=False)) != manifest_digest(m)
+
+
+def test_canonical_label_spellings():
+    assert canonical_label("No_Tumor") == "notumor"
+    assert canonical_label("pituitary-tumor") == "pituitary"

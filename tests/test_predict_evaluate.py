@@ -1,0 +1,110 @@
+"""Predictor, evaluation report, plots and Grad-CAM on a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score
+
+from btc.checkpoint import load_model
+from btc.evaluate import evaluate_predictor, rows_to_evaluate
+from btc.explain import gradcam, overlay, pointing_game
+from btc.explain_eval import pointing_game_on_folder
+from btc.labels import CLASSES
+from btc.predict import Predictor
+from btc.reports import evaluation_artifacts
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.from_checkpoint(trained_run.model_path)
+
+
+def test_checkpoint_loads_safely_and_rejects_other_files(trained_run, tmp_path):
+    model, spec = load_model(trained_run.model_path)
+    assert spec.classes == CLASSES and spec.image_size == 64 and not model.training
+    torch.save({"some": "thing"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a btc model file"):
+        load_model(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_predict_proba_accepts_paths_bytes_arrays_and_pil(predictor, synth_split):
+    path = synth_split.loc[synth_split["split"] == "test", "path"].iloc[0]
+    inputs = [path, open(path, "rb").read(), np.asarray(Image.open(path).convert("L")), Image.open(path)]
+    probs = predictor.predict_proba(inputs)
+    assert probs.shape == (4, 4)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.allclose(probs, probs[0], atol=1e-5)  # same image in four forms, same answer
+    result = predictor.predict([path])[0]
+    assert result["label"] in CLASSES and set(result["probabilities"]) == set(CLASSES)
+
+
+def test_temperature_changes_confidence_not_ranking(predictor, synth_split):
+    paths = list(synth_split.loc[synth_split["split"] == "test", "path"][:8])
+    raw, cal = predictor.predict_proba(paths, calibrated=False), predictor.predict_proba(paths)
+    assert (raw.argmax(1) == cal.argmax(1)).all()
+    if abs(predictor.spec.temperature - 1) > 1e-3:
+        assert not np.allclose(raw, cal)
+
+
+def test_evaluation_matches_sklearn_and_writes_plots(predictor, synth_split, tmp_path, trained_run):
+    rows = rows_to_evaluate(synth_split, "test")
+    report = evaluation_artifacts(predictor, rows, tmp_path, history=trained_run.history, gradcam_per_class=2)
+    y = [CLASSES.index(p["label"]) for p in report["predictions"]]
+    pred = [CLASSES.index(p["predicted"]) for p in report["predictions"]]
+    assert report["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert report["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    assert report["n_images"] == len(rows)
+    for key in ("accuracy", "macro_f1", "ece", "ece_before_temperature", "n_images", "per_class", "clean"):
+        assert key in report
+    for name in ("confusion_matrix", "roc", "reliability", "training_curves", "gradcam_grid"):
+        png = report["artifacts"][name]
+        assert Image.open(png).size[0] > 200, name
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == len(rows)
+
+
+def test_clean_subset_excludes_near_duplicates(predictor, synth_split):
+    rows = rows_to_evaluate(synth_split, "test").copy()
+    rows.loc[rows.index[:3], "near_dup_in_train"] = True
+    report = evaluate_predictor(predictor, rows)
+    assert report["clean"]["n_images"] == report["n_images"] - 3
+    assert report["n_near_duplicates_of_train"] == 3
+
+
+def test_rows_to_evaluate_errors(synth_split):
+    with pytest.raises(ValueError, match="no readable images"):
+        rows_to_evaluate(synth_split, "nonexistent")
+    bad = synth_split.copy()
+    bad.loc[bad.index[0], "label"] = "tumour_x"
+    with pytest.raises(ValueError, match="tumour_x"):
+        rows_to_evaluate(bad, None)
+
+
+def test_gradcam_shapes_and_overlay(predictor, synth_split):
+    paths = list(synth_split.loc[synth_split["split"] == "test", "path"][:3])
+    batch = torch.from_numpy(np.stack([predictor.to_array(p) for p in paths]))
+    heat, pred = gradcam(predictor.model, batch)
+    assert heat.shape == (3, 64, 64) and np.isfinite(heat).all()
+    assert heat.min() >= 0 and heat.max() <= 1 and pred.shape == (3,)
+    over = overlay(batch[0].numpy(), heat[0])
+    assert over.shape == (64, 64, 3) and over.dtype == np.uint8
+
+
+def test_pointing_game_counts_hits():
+    cams = np.zeros((2, 10, 10))
+    cams[0, 2, 3] = 1  # peak at x=3, y=2
+    cams[1, 9, 9] = 1
+    assert pointing_game(cams, np.array([[2, 1, 5, 4], [0, 0, 3, 3]])) == 0.5
+
+
+def test_pointing_game_on_synthetic_folder(predictor, synth_root):
+    result = pointing_game_on_folder(predictor, synth_root)
+    assert 0 <= result["pointing_game"] <= 1
+    assert result["n_images"] == 3 * 40  # every tumour image of the fixture (40 per class) has a box
+    assert set(result["per_class"]) == {"glioma", "meningioma", "pituitary"}

@@ -1,0 +1,68 @@
+"""Leakage-free splitting: no image or near duplicate shared between splits, stratified, deterministic."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from btc.data.manifest import build_manifest, phash_words
+from btc.data.split import split_without_leakage
+
+
+def _hamming(a: str, b: str) -> int:
+    wa, wb = phash_words([a])[0], phash_words([b])[0]
+    return int(np.bitwise_count(wa ^ wb).sum())
+
+
+def test_no_image_or_near_duplicate_across_splits(synth_split):
+    used = synth_split[synth_split["split"].isin(["train", "val", "test"])]
+    assert not used["sha256"].duplicated().any()
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        left, right = used[used["split"] == a], used[used["split"] == b]
+        assert not set(left["cluster"]) & set(right["cluster"])
+        dists = [_hamming(x, y) for x in left["phash"] for y in right["phash"]]
+        assert min(dists) > 40
+
+
+def test_kaggle_test_folder_is_kept(synth_split):
+    test = synth_split[synth_split["split"] == "test"]
+    assert (test["source_split"] == "test").all()
+    assert (synth_split.loc[synth_split["source_split"] == "test", "split"].isin(["test", "excluded"])).all()
+
+
+def test_split_is_stratified_and_deterministic(synth_split, synth_root):
+    counts = synth_split[synth_split["split"] != "excluded"].groupby(["split", "label"]).size().unstack()
+    assert (counts.loc["val"] > 0).all() and (counts.loc["train"] > counts.loc["val"]).all()
+    again = split_without_leakage(build_manifest(synth_root, progress=False), seed=0)
+    assert list(again["split"]) == list(synth_split["split"])
+
+
+def test_exact_and_near_duplicates_are_handled(tmp_path, synth_root):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    src = sorted((root / "Training" / "glioma").iterdir())[0]
+    shutil.copy(src, root / "Training" / "glioma" / "exact_copy.jpg")
+    # A re-encoding at another quality: a near duplicate with other bytes, placed in Testing.
+    Image.open(src).save(root / "Testing" / "glioma" / "reencoded.jpg", quality=60)
+    split = split_without_leakage(build_manifest(root, progress=False), seed=0).set_index("path")
+    copy, reenc = str(root / "Training/glioma/exact_copy.jpg"), str(root / "Testing/glioma/reencoded.jpg")
+    original = str(src)
+    excluded = split.loc[[copy, original], "excluded_reason"].tolist()
+    assert sum(r.startswith("exact duplicate of") for r in excluded) == 1
+    assert split.loc[reenc, "split"] == "test" and split.loc[reenc, "near_dup_in_train"]
+    assert split["near_dup_in_train"].sum() >= 1
+
+
+def test_own_split_when_no_testing_folder(tmp_path, synth_root):
+    flat = tmp_path / "flat"
+    for d in (synth_root / "Training").iterdir():
+        shutil.copytree(d, flat / d.name)
+    split = split_without_leakage(build_manifest(flat, progress=False), val_fraction=0.2, test_fraction=0.2, seed=3)
+    shares = split["split"].value_counts(normalize=True)
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert 0.1 < shares["test"] < 0.3 and 0.1 < shares["val"] < 0.3
+    assert not split["near_dup_in_train"].any()
+    assert list(split_without_leakage(build_manifest(flat, progress=False), val_fraction=0.2, test_fraction=0.2,
+                                      seed=4)["split"]) != list(split["split"])

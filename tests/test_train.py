@@ -1,0 +1,151 @@
+"""Training: models' shapes, loss falls, repeatable on CPU, resume, augmentation, GPU smoke."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from btc.data.loaders import ArrayBatches
+from btc.models import ARCHS, build_model
+from btc.train import fit, predict_logits, resolve_device, train_one_epoch
+from btc.transforms import Augment, preprocess, train_transform
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_models_forward_one_channel(arch):
+    model = build_model(arch, width=8).eval()
+    x = torch.randn(2, 1, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+    assert model.features(x).ndim == 2
+
+
+def test_unknown_arch_and_missing_weights():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg99'; expected one of compact_cnn"):
+        build_model("vgg99")
+    with pytest.raises(FileNotFoundError, match="--init-weights file"):
+        build_model("resnet18", init_weights="/nonexistent.pt")
+
+
+def test_init_weights_from_rgb_state_dict(tmp_path):
+    import torchvision
+
+    rgb = torchvision.models.resnet18(weights=None)
+    torch.save(rgb.state_dict(), tmp_path / "r18.pt")
+    model = build_model("resnet18", init_weights=tmp_path / "r18.pt")
+    assert torch.allclose(model.backbone.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
+
+
+def test_preprocess_and_augment_share_the_fixed_part():
+    x = torch.randint(0, 256, (4, 32, 32), dtype=torch.uint8)
+    identity = Augment(rotation_degrees=0, scale_jitter=0, hflip=False, intensity_jitter=0, gamma_jitter=0, translate=0)
+    ev = preprocess(x)
+    assert ev.shape == (4, 1, 32, 32)
+    assert torch.allclose(ev.mean((1, 2, 3)), torch.zeros(4), atol=1e-5)
+    # With the random part switched off (and an identity warp), training input == evaluation input.
+    assert torch.allclose(train_transform(x, identity), ev, atol=0.05)
+    assert not torch.allclose(train_transform(x, Augment()), ev, atol=0.05)
+
+
+def _toy_batches(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.integers(0, 60, (n, 32, 32)).astype(np.uint8)
+    for i, c in enumerate(y):  # a bright square whose position is the class
+        r, col = divmod(int(c), 2)
+        x[i, 4 + r * 14: 14 + r * 14, 4 + col * 14: 14 + col * 14] = 220
+    return x, y
+
+
+def test_loss_falls_over_two_epochs(tmp_path):
+    torch.manual_seed(0)
+    x, y = _toy_batches()
+    model = build_model(width=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    batches = ArrayBatches(x, y, 16, shuffle=True)
+    aug = Augment(rotation_degrees=0, hflip=False)
+    kw = dict(loss_fn=nn.CrossEntropyLoss(), augment=aug, progress=False)
+    first = train_one_epoch(model, batches, opt, torch.device("cpu"), **kw)
+    for _ in range(3):
+        last = train_one_epoch(model, batches, opt, torch.device("cpu"), **kw)
+    assert last["loss"] < first["loss"] * 0.8
+    assert np.isfinite(last["loss"]) and last["images_per_s"] > 0
+
+
+def _fit(tmp_path, epochs, resume=False, seed=0):
+    torch.manual_seed(seed)
+    x, y = _toy_batches()
+    model = build_model(width=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    return fit(model, ArrayBatches(x, y, 16, shuffle=True, seed=seed), ArrayBatches(x[:32], y[:32], 32), opt,
+               torch.device("cpu"), epochs=epochs, loss_fn=nn.CrossEntropyLoss(), augment=Augment(),
+               checkpoint_dir=tmp_path, patience=10, resume=resume, progress=False), model
+
+
+def test_cpu_training_is_repeatable(tmp_path):
+    h1, _ = _fit(tmp_path / "a", 2)
+    h2, _ = _fit(tmp_path / "b", 2)
+    assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path):
+    h1, _ = _fit(tmp_path, 2)
+    h2, _ = _fit(tmp_path, 4, resume=True)
+    assert [r["epoch"] for r in h2] == [1, 2, 3, 4]
+    assert h2[:2] == h1
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_early_stopping_stops(tmp_path):
+    torch.manual_seed(0)
+    x, y = _toy_batches()
+    model = build_model(width=8)
+    for m in model.modules():  # frozen BN statistics + zero learning rate: validation never improves
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    h = fit(model, ArrayBatches(x, y, 16), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=10,
+            loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, patience=2, progress=False)
+    assert len(h) == 3
+
+
+def test_train_model_writes_artifacts(trained_run):
+    out = trained_run.out_dir
+    for name in ("model.pt", "config.yaml", "history.json", "split.parquet", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert 0.05 < trained_run.temperature < 20
+
+
+def test_balanced_sampler_draws_classes_evenly():
+    y = np.array([0] * 90 + [1] * 10)
+    w = 1 / np.bincount(y)
+    batches = ArrayBatches(np.zeros((100, 4, 4), np.uint8), y, 100, sample_weights=w[y], seed=0)
+    drawn = np.concatenate([b[1].numpy() for b in batches])
+    assert 0.35 < (drawn == 1).mean() < 0.65
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mixed_precision_smoke(tmp_path):
+    x, y = _toy_batches()
+    model = build_model(width=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    h = fit(model, ArrayBatches(x, y, 16, shuffle=True), ArrayBatches(x, y, 32), opt, torch.device("cuda"),
+            epochs=2, loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, progress=False)
+    assert np.isfinite(h[-1]["train_loss"])
+    logits, _ = predict_logits(model, ArrayBatches(x, y, 32), torch.device("cuda"))
+    assert logits.shape == (len(y), 4)
