@@ -34,9 +34,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, amp: bool = True):
     # Mixed precision only where it pays: CUDA tensor cores. CPU autocast is slower here.
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -55,6 +55,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     progress: bool = True,
     desc: str = "train",
+    amp: bool = True,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns mean loss, accuracy, images/s and seconds."""
     model.train()
@@ -63,7 +64,7 @@ def train_one_epoch(
     for images, labels in bar:
         x = _to_device(train_transform(images.to(device), augment), device)
         y = labels.to(device)
-        with _autocast(device):
+        with _autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -130,9 +131,10 @@ def fit(
     patience: int = 5,
     resume: bool = False,
     progress: bool = True,
+    amp: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train with early stopping on validation macro-F1.
+    """Train with early stopping on validation macro-F1 (mixed precision on CUDA when ``amp``).
 
     Writes ``last.pt`` (everything needed to resume) after every epoch and ``best.pt`` (the
     weights with the best validation macro-F1) whenever it improves.
@@ -143,7 +145,7 @@ def fit(
     """
     checkpoint_dir = Path(checkpoint_dir)
     model.to(device, memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
     history: list[dict] = []
     best, since_best, start_epoch = -1.0, 0, 1
     last = checkpoint_dir / "last.pt"
@@ -160,7 +162,8 @@ def fit(
         if since_best >= patience:
             break
         tr = train_one_epoch(model, train_batches, optimizer, device, loss_fn=loss_fn, augment=augment,
-                             scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}")
+                             scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}",
+                             amp=amp)
         va = evaluate_batches(model, val_batches, device, loss_fn)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_f1": va["macro_f1"],

@@ -1,0 +1,77 @@
+"""The ``btc`` command line end to end on tiny generated data, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from btc.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_synth_manifest_split(tmp_path):
+    res = invoke("data", "synth", "--out", tmp_path / "d", "--per-class", 6, "--seed", 2, "--size", 64)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "d" / "lesions.csv").is_file()
+    res = invoke("data", "manifest", tmp_path / "d", "--out", tmp_path / "m.parquet")
+    assert res.exit_code == 0 and "24 files (0 unreadable)" in res.output
+    res = invoke("data", "split", tmp_path / "m.parquet", "--out", tmp_path / "s.parquet")
+    assert res.exit_code == 0 and "total" in res.output and (tmp_path / "s.parquet").is_file()
+
+
+def test_bad_inputs_have_clear_messages(tmp_path):
+    (tmp_path / "tumour_x").mkdir()
+    (tmp_path / "tumour_x" / "a.jpg").write_bytes(b"x")
+    res = invoke("data", "manifest", tmp_path)
+    assert res.exit_code == 2 and "unknown class folder 'tumour_x'" in res.output
+    res = invoke("data", "synth", "--out", tmp_path / "x", "--per-class", 0)
+    assert res.exit_code == 2 and "per_class=0" in res.output
+    res = invoke("train", tmp_path / "missing")
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = invoke("train", tmp_path, "-s", "train.epochs=zero")
+    assert res.exit_code == 2 and "train.epochs" in res.output
+    res = invoke("predict", tmp_path / "a.jpg", "--model", tmp_path / "nope.pt")
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_train_evaluate_predict_explain(tmp_path, synth_root):
+    run = tmp_path / "run"
+    res = invoke("train", synth_root, "--out", run, "--epochs", 2, "-s", f"output_dir={tmp_path}",
+                 "-s", "data.image_size=64", "-s", "model.width=8", "-s", "train.batch_size=16",
+                 "-s", "eval.gradcam_per_class=1", "--no-track")
+    assert res.exit_code == 0, res.output
+    assert "model:" in res.output and (run / "evaluation" / "metrics.json").is_file()
+    model = run / "model.pt"
+
+    res = invoke("evaluate", "--model", model, "--json", tmp_path / "m.json", "--out", tmp_path / "ev")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert {"accuracy", "macro_f1", "ece", "n_images", "per_class"} <= set(report)
+
+    image = next((synth_root / "Testing" / "glioma").iterdir())
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    res = invoke("predict", image, bad, "--model", model, "--json")
+    assert res.exit_code == 1
+    line = json.loads(res.stdout.strip().splitlines()[0])
+    assert line["label"] in ("glioma", "meningioma", "notumor", "pituitary")
+    assert "bad.jpg: cannot use this image: not an image" in res.output
+
+    res = invoke("explain", image, "--model", model, "--out", tmp_path / "ex")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ex" / f"{image.stem}_overlay.png").is_file()
+
+    res = invoke("pointing-game", synth_root, "--model", model)
+    assert res.exit_code == 0 and '"pointing_game"' in res.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["data", "--help"]])
+def test_help(args):
+    assert invoke(*args).exit_code == 0
