@@ -13,6 +13,13 @@ app = typer.Typer(help="Brain tumour MRI classification: data, training, evaluat
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Demo data, manifests, leakage-free splits and validation.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+# data validation (Great Expectations)
+from btc.cli_validate import validate_command  # noqa: E402
+
+data_app.command("validate")(validate_command)
+# registry (MLflow)
+from btc.cli_registry import check_tracking, registry_app, track_training_run  # noqa: E402
+app.add_typer(registry_app, name="registry")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s train.epochs=5 (repeatable)")]
@@ -130,6 +137,7 @@ def train(
     init_weights: Annotated[Optional[Path], typer.Option(help="offline weights (state_dict .pt)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>/last.pt")] = False,
     evaluate: Annotated[bool, typer.Option(help="evaluate on the test split afterwards")] = True,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="log the run and model to MLflow")] = True,
 ):
     """Train a CNN on the train split, early-stopping on validation macro-F1."""
     from btc.training import train_model
@@ -142,6 +150,8 @@ def train(
     cfg = _config(config, overrides)
     split = prepare_split(data, cfg)
     run_dir = out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S")
+    if track:
+        check_tracking()  # fail before training, not after
     try:
         result = train_model(cfg, split, run_dir, resume=resume)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
@@ -150,8 +160,11 @@ def train(
     typer.echo(f"trained on {result.device} in {result.seconds:.0f}s; best epoch {best['epoch']} "
                f"val macro-F1 {best['val_macro_f1']:.4f}; temperature {result.temperature:.3f}")
     typer.echo(f"model: {result.model_path}")
+    report = None
     if evaluate:
-        _evaluate(str(result.model_path), run_dir / "split.parquet", "test", run_dir / "evaluation", None, cfg)
+        report = _evaluate(str(result.model_path), run_dir / "split.parquet", "test", run_dir / "evaluation", None, cfg)
+    if track:
+        track_training_run(cfg, result, split, report, run_dir / "evaluation")
 
 
 def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg) -> dict:

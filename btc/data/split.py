@@ -30,7 +30,7 @@ from btc.data.manifest import phash_words
 SPLITS = ("train", "val", "test")
 
 
-def _pairs_within(words: np.ndarray, other: np.ndarray, max_distance: int, chunk: int = 512):
+def pairs_within(words: np.ndarray, other: np.ndarray, max_distance: int, chunk: int = 512):
     """Yield (i, j) index arrays of rows of ``words`` and ``other`` within ``max_distance`` bits."""
     for start in range(0, len(words), chunk):
         block = words[start:start + chunk]
@@ -48,7 +48,7 @@ def near_duplicate_clusters(phashes: pd.Series, max_distance: int) -> np.ndarray
         return np.zeros(0, dtype=int)
     words = phash_words(phashes)
     rows, cols = [], []
-    for i, j in _pairs_within(words, words, max_distance):
+    for i, j in pairs_within(words, words, max_distance):
         rows.append(i)
         cols.append(j)
     rows, cols = np.concatenate(rows), np.concatenate(cols)
@@ -137,7 +137,7 @@ def _flag_test_near_duplicates(df: pd.DataFrame, max_distance: int) -> None:
         return
     test_words, seen_words = phash_words(df.loc[test, "phash"]), phash_words(df.loc[seen, "phash"])
     hits = np.zeros(len(test), dtype=bool)
-    for i, _ in _pairs_within(test_words, seen_words, max_distance):
+    for i, _ in pairs_within(test_words, seen_words, max_distance):
         hits[i] = True
     df.loc[test, "near_dup_in_train"] = hits
 

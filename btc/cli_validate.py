@@ -1,0 +1,135 @@
+"""``btc data validate DIR``: Great Expectations checks before any training, as a command.
+
+Registered by :mod:`btc.cli` with ``data_app.command("validate")(validate_command)``. It
+builds the manifest, splits it without leakage (unless ``--no-split``), runs
+:func:`btc.validation.validate_dataset`, prints one line per expectation and the Data Docs
+path. Exit codes: 0 the data passed (warnings allowed), 1 it failed (an expectation, or a
+folder layout that cannot be read as a dataset, e.g. an unknown class folder), 2 the command
+was misused (missing reference file, unknown ``--warn-only`` name, invalid config).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import pandas as pd
+import typer
+
+OBSERVED_WIDTH = 90
+
+
+def _error(message: str, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _load_config(config: Path | None, overrides: list[str] | None):
+    from btc.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        raise _error(str(err), 2) from None
+
+
+def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) -> pd.DataFrame:
+    """The manifest of ``data_dir``, split without leakage when ``split``."""
+    from btc.data.manifest import build_manifest
+    from btc.data.split import split_without_leakage
+
+    try:
+        manifest = build_manifest(data_dir, workers=workers, progress=sys.stderr.isatty())
+    except ValueError as err:  # DatasetLayoutError and unknown class folders
+        raise _error(f"{data_dir} is not a valid dataset: {err}", 1) from None
+    if not split:
+        return manifest
+    d = data_config
+    return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                 near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+
+
+def _dataset_summary(frame: pd.DataFrame) -> list[str]:
+    """Counts a person checks first: images, readability, classes and (when split) splits."""
+    shares = frame["label"].value_counts(normalize=True).sort_index()
+    counts = frame["label"].value_counts().sort_index()
+    lines = [
+        f"{len(frame)} images, {int((~frame['readable']).sum())} unreadable",
+        "classes: " + ", ".join(f"{c} {counts[c]} ({shares[c]:.1%})" for c in counts.index),
+    ]
+    if "split" in frame:
+        split_counts = frame["split"].value_counts()
+        duplicates = int(frame["excluded_reason"].str.startswith("exact duplicate").sum())
+        counts_text = ", ".join(f"{s} {split_counts.get(s, 0)}" for s in ("train", "val", "test", "excluded"))
+        lines.append(f"split: {counts_text} ({duplicates} exact duplicates excluded)")
+        lines.append(f"test images with a near duplicate in train/val: {int(frame['near_dup_in_train'].sum())}")
+    return lines
+
+
+def _table(report) -> list[str]:
+    width = max(len(o.name) for o in report.outcomes)
+    lines = [f"{'expectation':{width}}  result  observed"]
+    for o in report.outcomes:
+        observed = o.observed if len(o.observed) <= OBSERVED_WIDTH else o.observed[:OBSERVED_WIDTH - 3] + "..."
+        lines.append(f"{o.name:{width}}  {o.status:6}  {observed}")
+    return lines
+
+
+def validate_command(
+    data_dir: Annotated[Path, typer.Argument(
+        help="dataset folder: Training/ and Testing/ class folders, or <class>/ folders"
+    )],
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference",
+        help="image-statistics reference JSON; default validation.reference or expectations/reference_stats.json",
+    )] = None,
+    warn_only: Annotated[Optional[list[str]], typer.Option(
+        "--warn-only", help="expectation whose failure is only a warning (repeatable)"
+    )] = None,
+    docs_dir: Annotated[Optional[Path], typer.Option(
+        "--docs-dir", help="folder for the Data Docs site; default $BTC_HOME/reports/data_docs"
+    )] = None,
+    split: Annotated[bool, typer.Option(
+        "--split/--no-split", help="validate the leakage-free split (default) or the folders as delivered"
+    )] = True,
+    workers: Annotated[int, typer.Option(help="decoding threads")] = 4,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="override, e.g. -s validation.min_class_share=0.05 (repeatable)"
+    )] = None,
+) -> None:
+    """Validate a dataset with Great Expectations; exit 0 if it passes, 1 if it fails."""
+    from btc.data.stats import load_reference
+    from btc.paths import reports_dir
+    from btc.validation import validate_dataset
+
+    started = time.perf_counter()
+    cfg = _load_config(config, set_)
+    try:
+        ref = load_reference(reference) if reference is not None else None
+    except ValueError as err:
+        raise _error(str(err), 2) from None
+    frame = _dataset_frame(data_dir, cfg.data, split=split, workers=workers)
+    for line in _dataset_summary(frame):
+        typer.echo(line)
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    try:
+        report = validate_dataset(frame, reference=ref, config=cfg.validation, warn_only=warn_only or (),
+                                  data_docs_dir=docs_dir or reports_dir() / "data_docs", near_duplicate_distance=cfg.data.near_duplicate_distance,
+                                  workers=workers)
+    except ValueError as err:
+        raise _error(str(err), 2) from None
+    for line in _table(report):
+        typer.echo(line)
+    typer.echo(f"Data Docs: {report.data_docs_index}")
+    seconds = time.perf_counter() - started
+    if report.success:
+        warned = f" with warnings: {', '.join(report.warnings)}" if report.warnings else ""
+        typer.secho(f"data validation passed{warned} ({seconds:.1f}s)", fg=typer.colors.GREEN)
+        return
+    typer.secho(f"data validation FAILED: {', '.join(report.failures)} ({seconds:.1f}s)", fg=typer.colors.RED)
+    raise typer.Exit(1)

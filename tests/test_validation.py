@@ -1,0 +1,325 @@
+"""Data validation: image statistics, the reference, the GX suite and `btc data validate`.
+
+Each broken dataset is a copy of one small generated dataset with a single defect, and must
+fail exactly the expectation that describes that defect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from btc.cli_validate import validate_command
+from btc.config import ValidationConfig
+from btc.data.images import decode_gray
+from btc.data.manifest import build_manifest
+from btc.data.split import split_without_leakage
+from btc.data.stats import (
+    REFERENCE_COLUMNS, STAT_COLUMNS, image_statistics, learn_reference, load_reference, merge_references,
+    save_reference, statistics_frame,
+)
+from btc.data.synth import generate_synthetic_dataset
+from btc.labels import CLASSES
+from btc.validation import (
+    CHECKED_STATISTICS, expectation_names, leaks_across_splits, validate_dataset, validation_frame,
+)
+
+STATISTIC_EXPECTATIONS = {
+    "mean_intensity_in_reference_range", "contrast_in_reference_range",
+    "black_border_share_in_reference_range", "entropy_in_reference_range",
+}
+
+
+# --- fixtures and helpers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory) -> Path:
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("clean"), per_class=12, size=96)
+
+
+@pytest.fixture(scope="module")
+def clean_manifest(clean_dir) -> pd.DataFrame:
+    return build_manifest(clean_dir, workers=2, progress=False)
+
+
+@pytest.fixture
+def dataset_copy(clean_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(clean_dir, tmp_path / "data"))
+
+
+def _validate(frame: pd.DataFrame, tmp_path: Path, **kwargs):
+    return validate_dataset(frame, data_docs_dir=tmp_path / "docs", workers=2, **kwargs)
+
+
+def _manifest(root: Path) -> pd.DataFrame:
+    return build_manifest(root, workers=2, progress=False)
+
+
+def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A colourful RGB 'photo': per-channel gradients and blotches filling the whole frame."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [rng.uniform(0.3, 0.9) * (a * x + (1 - a) * y) + rng.uniform(0.1, 0.4) for a in rng.uniform(0, 1, 3)]
+    blotches = rng.uniform(-0.2, 0.2, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+    return (np.clip(np.stack(channels, -1) + blotches, 0, 1) * 255).astype(np.uint8)
+
+
+def _mri_like(size: int = 96) -> np.ndarray:
+    """A bright textured ellipse on a black background."""
+    y, x = (np.mgrid[0:size, 0:size] + 0.5) / size * 2 - 1
+    head = (x / 0.6) ** 2 + (y / 0.75) ** 2 < 1
+    texture = 120 + 60 * np.sin(9 * x) * np.cos(7 * y)
+    return np.where(head, texture, 3).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cli_app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(validate_command)
+    return app
+
+
+# --- statistics and reference ------------------------------------------------------------------
+
+
+def test_image_statistics_tell_an_mri_slice_from_a_photo():
+    mri = image_statistics(_mri_like())
+    photo = image_statistics(np.asarray(Image.fromarray(_photo(np.random.default_rng(0), 96)).convert("L")))
+    assert set(mri) == set(STAT_COLUMNS)
+    assert mri["black_border_share"] > 0.9 > 0.1 > photo["black_border_share"]
+    assert mri["contrast"] == pytest.approx(mri["p95"] - mri["p05"])
+    assert 0 <= mri["p05"] <= mri["p50"] <= mri["p95"] <= 1
+    assert (mri["width"], mri["height"], mri["aspect"]) == (96.0, 96.0, 1.0)
+
+
+def test_image_statistics_known_values_and_bad_input():
+    flat = image_statistics(np.full((10, 20), 255, np.uint8))
+    assert flat["mean"] == 1.0 and flat["std"] == 0.0 and flat["entropy"] == 0.0 and flat["contrast"] == 0.0
+    assert flat["aspect"] == 2.0
+    ramp = image_statistics(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    assert ramp["entropy"] == pytest.approx(8.0)
+    assert ramp["mean"] == pytest.approx(0.5)
+    big = np.zeros((1000, 1000), np.uint8)  # downsized internally, still the same answer
+    assert image_statistics(big)["black_border_share"] == 1.0
+    with pytest.raises(ValueError, match="2-D uint8"):
+        image_statistics(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_statistics_frame_keeps_order_and_gives_nan_for_unreadable_files(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(_mri_like()).save(good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    frame = statistics_frame([good, broken, _mri_like(64)], workers=2)
+    assert list(frame.columns) == list(STAT_COLUMNS) and len(frame) == 3
+    assert frame.loc[0, "mean"] == pytest.approx(image_statistics(decode_gray(good)[0])["mean"])
+    assert frame.loc[1].isna().all()
+    assert frame.loc[2, "width"] == 64
+
+
+def test_reference_holds_its_own_data_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    stats = pd.DataFrame({c: rng.uniform(0.2, 0.6, 200) for c in REFERENCE_COLUMNS})
+    reference = learn_reference(stats, source="unit")
+    for column in REFERENCE_COLUMNS:
+        lo, hi = reference["ranges"][column]
+        assert stats[column].between(lo, hi).mean() >= 0.99
+        assert lo < stats[column].median() < hi
+    other = learn_reference(stats + 0.3, source="shifted")
+    merged = merge_references([reference, other])
+    assert merged["ranges"]["mean"][0] == reference["ranges"]["mean"][0]
+    assert merged["ranges"]["mean"][1] == other["ranges"]["mean"][1]
+    assert len(merged["sources"]) == 2
+    path = save_reference(merged, tmp_path / "ref.json")
+    assert load_reference(path) == merged
+    (tmp_path / "bad.json").write_text(json.dumps({"ranges": {"mean": [0, 1]}}))
+    with pytest.raises(ValueError, match="lacks a \\[min, max\\] range for std"):
+        load_reference(tmp_path / "bad.json")
+
+
+def test_shipped_reference_accepts_generated_mri_and_rejects_photos(clean_manifest):
+    from btc.validation import DEFAULT_REFERENCE_PATH
+
+    ranges = load_reference(DEFAULT_REFERENCE_PATH)["ranges"]
+    mri = statistics_frame(clean_manifest["path"], workers=2)
+    photos = statistics_frame(
+        [np.asarray(Image.fromarray(_photo(np.random.default_rng(i), 96)).convert("L")) for i in range(20)]
+    )
+    column = "black_border_share"
+    assert mri[column].between(*ranges[column]).mean() >= 0.95
+    assert photos[column].between(*ranges[column]).mean() <= 0.05
+
+
+# --- the validation frame ----------------------------------------------------------------------
+
+
+def test_leaks_across_splits_flags_both_sides_and_ignores_excluded_rows():
+    zero, near, far = "0" * 64, "0" * 63 + "f", "f" * 64  # near: 4 bits from zero
+    splits = pd.Series(["train", "test", "val", "excluded", "test"])
+    phashes = pd.Series([zero, near, far, zero, far])
+    assert leaks_across_splits(splits, phashes, max_distance=4).tolist() == [True, True, True, False, True]
+    assert leaks_across_splits(splits, phashes, max_distance=3).tolist() == [False, False, True, False, True]
+    assert not leaks_across_splits(pd.Series(["train", "train"]), pd.Series([zero, zero]), 4).any()
+
+
+def test_validation_frame_nulls_what_an_unreadable_file_cannot_have(clean_manifest):
+    manifest = clean_manifest.copy()
+    manifest.loc[0, ["readable", "error"]] = [False, "corrupt image"]
+    manifest.loc[1, "label"] = "tumour_x"
+    frame = validation_frame(manifest, workers=2)
+    assert frame.loc[0, ["width", "height", "mode", *CHECKED_STATISTICS]].isna().all()
+    assert frame.loc[2, ["width", *CHECKED_STATISTICS]].notna().all()
+    assert np.isnan(frame.loc[1, "label_share"])
+    assert frame["label_share"].dropna().between(0.2, 0.3).all()
+    assert set(frame["split"]) == {"train", "test", ""}  # the source folders, "" for the unreadable row
+
+
+# --- the suite on broken datasets ---------------------------------------------------------------
+
+
+def test_clean_dataset_passes_and_data_docs_are_written(clean_manifest, tmp_path):
+    report = _validate(split_without_leakage(clean_manifest), tmp_path)
+    assert [o.name for o in report.outcomes] == expectation_names()
+    assert report.success and report.failures == [] and report.warnings == []
+    assert report.outcome("class_share_at_least_min").observed == "0.250"
+    index = report.data_docs_index
+    assert index == (tmp_path / "docs" / "index.html").resolve() and "mri_manifest" in index.read_text()
+    pages = list((tmp_path / "docs" / "validations" / "mri_manifest").rglob("*.html"))
+    assert len(pages) == 1
+    page = pages[0].read_text()
+    assert "Succeeded" in page and "Every label is one of the four classes." in page
+
+
+def test_unknown_label_fails_labels_known_only(clean_manifest, tmp_path):
+    manifest = clean_manifest.copy()
+    manifest.loc[[0, 5, 9], "label"] = "tumour_x"
+    report = _validate(manifest, tmp_path)
+    assert report.failures == ["labels_known"]
+    assert report.outcome("labels_known").observed.startswith("3 of 48 unexpected (values tumour_x)")
+
+
+def test_missing_class_fails_all_classes_present_only(dataset_copy, tmp_path):
+    for folder in ("Training", "Testing"):
+        shutil.rmtree(dataset_copy / folder / "pituitary")
+    report = _validate(_manifest(dataset_copy), tmp_path)
+    assert report.failures == ["all_classes_present"]
+    assert report.outcome("all_classes_present").observed == "missing pituitary"
+
+
+def test_corrupt_file_fails_files_readable_only(dataset_copy, tmp_path):
+    victim = dataset_copy / "Training" / "meningioma" / "Tr-me_0003.jpg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    report = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path)
+    assert report.failures == ["files_readable"]
+    assert "1 of 48 unexpected" in report.outcome("files_readable").observed
+    assert "Tr-me_0003.jpg" in report.outcome("files_readable").observed
+
+
+def test_near_duplicate_across_splits_fails_no_leaks_only(dataset_copy, tmp_path):
+    # A re-encoded copy of a training image in the given Testing folder: the splitter keeps
+    # Testing as the test set, so the pair straddles train/val and test.
+    original = dataset_copy / "Training" / "glioma" / "Tr-gl_0000.jpg"
+    Image.open(original).save(dataset_copy / "Testing" / "glioma" / "Te-gl_copy.jpg", quality=60)
+    split = split_without_leakage(_manifest(dataset_copy))
+    assert split["near_dup_in_train"].sum() == 1
+    report = _validate(split, tmp_path)
+    assert report.failures == ["no_leaks_across_splits"]
+    assert report.outcome("no_leaks_across_splits").observed.startswith("2 of 49 unexpected")
+
+
+def test_exact_duplicate_in_one_folder_is_a_warning_by_default_and_a_failure_when_configured(dataset_copy, tmp_path):
+    original = dataset_copy / "Training" / "notumor" / "Tr-no_0001.jpg"
+    shutil.copy(original, original.with_name("Tr-no_0001 (copy).jpg"))
+    manifest = _manifest(dataset_copy)
+    default = _validate(manifest, tmp_path)
+    assert default.success and default.warnings == ["no_exact_duplicates_within_source_split"]
+    strict = _validate(manifest, tmp_path, config=ValidationConfig(warn_only=[]))
+    assert strict.failures == ["no_exact_duplicates_within_source_split"]
+    observed = strict.outcome("no_exact_duplicates_within_source_split").observed
+    assert observed.startswith("2 of 49 unexpected, e.g. ")
+    assert "Tr-no_0001.jpg" in observed and "Tr-no_0001 (copy).jpg" in observed
+
+
+def test_photos_fail_the_image_statistics_only(dataset_copy, tmp_path):
+    rng = np.random.default_rng(0)
+    training = sorted((dataset_copy / "Training").rglob("*.jpg"))
+    for path in training[::3] + training[1::3]:  # two thirds of the training images
+        Image.fromarray(_photo(rng, 96)).save(path, quality=90)
+    report = _validate(_manifest(dataset_copy), tmp_path)
+    assert "black_border_share_in_reference_range" in report.failures
+    assert set(report.failures) <= STATISTIC_EXPECTATIONS
+
+
+def test_class_far_below_its_share_fails_class_share_only(dataset_copy, tmp_path):
+    shutil.rmtree(dataset_copy / "Testing" / "glioma")
+    for path in sorted((dataset_copy / "Training" / "glioma").glob("*.jpg"))[2:]:
+        path.unlink()
+    report = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path)
+    assert report.failures == ["class_share_at_least_min"]
+    assert float(report.outcome("class_share_at_least_min").observed) == pytest.approx(2 / 38, abs=1e-3)
+
+
+def test_unknown_warn_only_name_is_refused(clean_manifest, tmp_path):
+    expected = "unknown expectation 'no_such_check' in warn-only; expected one of labels_known"
+    with pytest.raises(ValueError, match=expected):
+        _validate(clean_manifest, tmp_path, warn_only={"no_such_check"})
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_cli_passes_on_clean_data_and_prints_the_table(cli_app, clean_dir, tmp_path):
+    docs = tmp_path / "docs"
+    result = CliRunner().invoke(cli_app, [str(clean_dir), "--docs-dir", str(docs), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    for name in expectation_names():
+        assert f"{name} " in result.output
+    assert "FAIL" not in result.output and "data validation passed" in result.output
+    assert f"Data Docs: {(docs / 'index.html').resolve()}" in result.output
+    assert "mri_manifest" in (docs / "index.html").read_text()
+
+
+def test_cli_exact_copy_across_folders_fails_unless_warned(cli_app, dataset_copy, tmp_path):
+    original = dataset_copy / "Training" / "pituitary" / "Tr-pi_0002.jpg"
+    shutil.copy(original, dataset_copy / "Testing" / "pituitary" / "Te-pi_copy.jpg")
+    args = [str(dataset_copy), "--no-split", "--docs-dir", str(tmp_path / "docs"), "--workers", "2"]
+    failed = CliRunner().invoke(cli_app, args)
+    assert failed.exit_code == 1, failed.output
+    assert "data validation FAILED: no_leaks_across_splits" in failed.output
+    warned = CliRunner().invoke(cli_app, [*args, "--warn-only", "no_leaks_across_splits"])
+    assert warned.exit_code == 0, warned.output
+    assert "WARN" in warned.output and "with warnings: no_leaks_across_splits" in warned.output
+
+
+def test_cli_names_an_unknown_class_folder(cli_app, dataset_copy, tmp_path):
+    (dataset_copy / "Training" / "glioma").rename(dataset_copy / "Training" / "tumour_x")
+    result = CliRunner().invoke(cli_app, [str(dataset_copy), "--docs-dir", str(tmp_path / "docs")])
+    assert result.exit_code == 1
+    assert "unknown class folder 'tumour_x'; expected one of " + ", ".join(CLASSES) in result.output
+
+
+def test_cli_refuses_a_missing_reference_file(cli_app, clean_dir, tmp_path):
+    result = CliRunner().invoke(cli_app, [str(clean_dir), "--reference", str(tmp_path / "nope.json")])
+    assert result.exit_code == 2
+    assert "nope.json' does not exist" in result.output
+
+
+def test_an_expectation_that_cannot_run_is_a_failure_with_the_reason(clean_manifest, tmp_path):
+    suite = {"name": "broken_suite", "expectations": [{
+        "type": "expect_column_values_to_be_in_set", "kwargs": {"column": "no_such_column", "value_set": [1]},
+        "meta": {"name": "needs_a_missing_column"},
+    }]}
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    no_default_warnings = ValidationConfig(warn_only=[])  # the default names an expectation this suite lacks
+    report = _validate(clean_manifest, tmp_path, suite_path=tmp_path / "suite.json", config=no_default_warnings)
+    assert report.failures == ["needs_a_missing_column"]
+    assert "no_such_column" in report.outcome("needs_a_missing_column").observed
+    assert report.outcome("needs_a_missing_column").observed.startswith("error: ")
