@@ -1,0 +1,361 @@
+"""The model registry: versions, the ``challenger`` and ``champion`` aliases, promotion and rollback.
+
+Workflow: ``register(run_id)`` adds a version and points ``challenger`` at it;
+``promote(name, cfg)`` evaluates the challenger and the current champion on the same frozen
+set, checks every gate (:mod:`btc.tracking.gates`) and moves ``champion`` only if all pass;
+``rollback(name)`` moves ``champion`` back to the previous champion. Aliases, not the
+deprecated stages. Decisions and gate values are recorded as tags on the model version; the
+order of champions is the registered-model tag ``champion_history`` (JSON list of versions).
+
+The frozen evaluation set is the ``test`` split of the challenger's run (its logged
+``data/split.parquet``) unless the caller passes rows (``btc registry promote --data``): pass a
+fixed set that no candidate trained on when models come from different splits.
+
+Concurrency. ``promote`` and ``rollback`` hold an exclusive lock for their whole
+read-evaluate-write: ``flock`` on a file next to the SQLite database (or under ``$BTC_HOME``
+for a remote store), so promotions on one machine are serialised and the second sees the
+first's result (e.g. "already champion"). Inside the lock the aliases are read again before
+writing, so a challenger that moved meanwhile (a ``register``, or a promotion on another
+machine against a shared server) aborts the promotion with nothing changed. Each alias write is
+one atomic update in MLflow's store, and the alias is read back after writing; so an alias
+always names an existing version, and never half of two promotions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
+from mlflow.entities.model_registry import RegisteredModel
+from mlflow.exceptions import MlflowException
+
+from btc.config import Config
+from btc.data.cache import decode_all
+from btc.evaluate import evaluate_predictor, rows_to_evaluate
+from btc.paths import btc_home
+from btc.tracking import store
+from btc.tracking.gates import GateResult, behaviour, evaluate_gates, gates_table
+from btc.tracking.model_io import load_predictor, logged_model_of_run
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+HISTORY_TAG = "champion_history"
+HISTORY_KEEP = 100
+LOCK_TIMEOUT_S = 900.0
+KEY_METRICS = ("test_macro_f1", "test_clean_macro_f1", "test_ece")
+
+
+class RegistryError(ValueError):
+    """A registry operation cannot be done as asked; nothing was changed."""
+
+
+@dataclass
+class PromotionResult:
+    """What ``promote`` decided and why."""
+
+    name: str
+    challenger: str
+    champion_before: str | None
+    champion_after: str | None
+    promoted: bool
+    reason: str
+    gates: list[GateResult] = field(default_factory=list)
+    eval_set: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The gate table followed by the decision."""
+        head = [f"model {self.name!r}: challenger v{self.challenger}, champion "
+                f"{'v' + self.champion_before if self.champion_before else 'none'}", f"evaluation set: {self.eval_set}"]
+        body = [gates_table(self.gates)] if self.gates else []
+        return "\n".join(head + body + [f"note: {n}" for n in self.notes] + [self.reason])
+
+
+def lock_path(uri: str) -> Path:
+    """The lock file serialising promotions against the registry at ``uri``."""
+    db = store.sqlite_path(uri)
+    if db is not None:
+        return db.resolve().with_name(db.name + ".promotion.lock")
+    return btc_home() / "locks" / f"registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextmanager
+def registry_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
+    """Hold the exclusive promotion lock for ``uri`` (``flock``: released even if the process dies).
+
+    Raises:
+        RegistryError: another promotion held it for more than ``timeout`` seconds.
+    """
+    path = lock_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"another promotion or rollback on {uri} has held {str(path)!r} for over "
+                                        f"{timeout:g}s; nothing changed, try again when it finishes") from None
+                time.sleep(0.1)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def registered_model(mlflow_client: MlflowClient, name: str) -> RegisteredModel:
+    """The registered model ``name``.
+
+    Raises:
+        RegistryError: no model of that name; the message lists the names there are.
+    """
+    try:
+        return mlflow_client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=50))
+    raise RegistryError(f"unknown model name {name!r}; registered models: {', '.join(names) or 'none'} "
+                        f"(register a run first: btc registry register RUN_ID --name {name})") from None
+
+
+def champion_history(model: RegisteredModel) -> list[str]:
+    """Versions that have been champion, oldest first."""
+    raw = model.tags.get(HISTORY_TAG)
+    return [str(v) for v in json.loads(raw)] if raw else []
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _logged_model(mlflow_client: MlflowClient, run_id: str) -> LoggedModel:
+    try:
+        return logged_model_of_run(mlflow_client, run_id)
+    except MlflowException:
+        raise RegistryError(f"run {run_id!r} does not exist in {mlflow_client.tracking_uri}; "
+                            "run ids are printed by `btc train` and shown in the MLflow UI") from None
+    except ValueError as err:
+        raise RegistryError(str(err)) from None
+
+
+def register(run_id: str, name: str) -> str:
+    """Add the run's model as a new version of ``name`` and point ``challenger`` at it.
+
+    Returns:
+        The new version number.
+
+    Raises:
+        TrackingError: the store is unreachable.
+        RegistryError: the run does not exist or has no btc model.
+    """
+    mlflow_client = store.client()
+    logged = _logged_model(mlflow_client, run_id)
+    try:
+        mlflow_client.create_registered_model(name, description="Brain MRI slice classifier (btc). Decision support "
+                                                                "for trained clinicians, not a diagnosis.")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # The artifact location, not models:/<model_id>: MLflow's SQL registry resolves the latter
+    # with the global tracking URI, which the embedded default store leaves unset.
+    version = mlflow_client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
+                                                 model_id=logged.model_id, tags={"registered_at": _now()})
+    mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return str(version.version)
+
+
+def frozen_eval_rows(mlflow_client: MlflowClient, run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The test rows of a run's logged split, and the whole split.
+
+    Raises:
+        RegistryError: the run has no ``data/split.parquet`` or its test rows are unusable.
+    """
+    with tempfile.TemporaryDirectory(prefix="btc-split-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/split.parquet", dst_path=tmp,
+                                                       tracking_uri=mlflow_client.tracking_uri,
+                                                       registry_uri=store.registry_uri(mlflow_client.tracking_uri))
+            split = pd.read_parquet(local)
+        except (MlflowException, OSError) as err:
+            raise RegistryError(f"run {run_id!r} has no data/split.parquet to evaluate on ({err}); "
+                                "pass --data DIR|split.parquet") from None
+    try:
+        return rows_to_evaluate(split, "test"), split
+    except ValueError as err:
+        raise RegistryError(f"run {run_id!r}: {err}") from None
+
+
+def _record(mlflow_client: MlflowClient, result: PromotionResult) -> None:
+    tags = {"promotion.decision": "promoted" if result.promoted else "rejected", "promotion.reason": result.reason,
+            "promotion.at": _now(), "promotion.champion_before": result.champion_before or "none",
+            "promotion.eval_set": result.eval_set[:4000]}
+    tags |= {f"gate.{g.name}": f"{g.value} ({g.threshold}): {'pass' if g.passed else 'fail'}" for g in result.gates}
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(result.name, result.challenger, key, value)
+
+
+def _overlap_note(mlflow_client: MlflowClient, run_id: str | None, rows: pd.DataFrame) -> list[str]:
+    """Warn when evaluation images were training or validation images of the champion."""
+    if run_id is None:
+        return []
+    try:
+        _, split = frozen_eval_rows(mlflow_client, run_id)
+    except RegistryError:
+        return []
+    seen = set(split.loc[split["split"].isin(["train", "val"]), "path"])
+    overlap = int(rows["path"].isin(seen).sum())
+    return [f"{overlap} evaluation images were in the champion's train/val split; its score is flattered, "
+            "use --data with a set neither model trained on"] if overlap else []
+
+
+def _judge(name: str, challenger: str, champion: str | None, cfg: Config,
+           eval_rows: pd.DataFrame) -> list[GateResult]:
+    """Evaluate challenger and champion on the same rows, in this process, and apply every gate."""
+    candidate = load_predictor(f"models:/{name}/{challenger}")
+    mine = evaluate_predictor(candidate, eval_rows, n_bins=cfg.eval.ece_bins)
+    theirs = (evaluate_predictor(load_predictor(f"models:/{name}/{champion}"), eval_rows, n_bins=cfg.eval.ece_bins)
+              if champion is not None else None)
+    measured = behaviour(candidate, decode_all(list(eval_rows["path"]), candidate.image_size, progress=False))
+    return evaluate_gates(mine, theirs, measured, cfg.registry.gates)
+
+
+def _check_aliases_unmoved(model: RegisteredModel, challenger: str, champion: str | None) -> None:
+    now = {a: str(model.aliases[a]) if a in model.aliases else None for a in (CHALLENGER, CHAMPION)}
+    moved = [f"{a} moved from {old or 'none'} to {now[a] or 'none'}"
+             for a, old in ((CHALLENGER, challenger), (CHAMPION, champion)) if now[a] != old]
+    if moved:
+        raise RegistryError(f"model {model.name!r}: {'; '.join(moved)} during evaluation; nothing changed, "
+                            "run promote again")
+
+
+def _move_champion(mlflow_client: MlflowClient, model: RegisteredModel, challenger: str, champion: str | None) -> None:
+    name = model.name
+    mlflow_client.set_registered_model_alias(name, CHAMPION, challenger)  # one atomic row update in the store
+    history = [v for v in champion_history(model) if v != challenger][-HISTORY_KEEP:]
+    if champion is not None and (not history or history[-1] != champion):
+        history.append(champion)  # a champion set by hand, outside btc's history
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [challenger]))
+    after = str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version)
+    if after != challenger:
+        raise RegistryError(f"model {name!r}: {CHAMPION} reads v{after} right after being set to v{challenger}; "
+                            "another writer bypassed the promotion lock")
+
+
+def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, eval_source: str | None = None,
+            lock_timeout: float = LOCK_TIMEOUT_S) -> PromotionResult:
+    """Move ``champion`` to the challenger if every gate passes; record the decision either way.
+
+    Args:
+        name: registered model name.
+        cfg: config whose ``registry.gates`` are the thresholds (and ``eval.ece_bins``).
+        eval_rows: the frozen evaluation set (manifest or split rows); default the test split of
+            the challenger's run.
+        eval_source: how to describe ``eval_rows`` in the result and tags.
+        lock_timeout: seconds to wait for a concurrent promotion to finish.
+
+    Raises:
+        TrackingError: the store is unreachable.
+        RegistryError: unknown name, no challenger, or the aliases moved during evaluation
+            (nothing changed in each case).
+    """
+    mlflow_client = store.client()
+    registered_model(mlflow_client, name)
+    with registry_lock(store.registry_uri(mlflow_client.tracking_uri), lock_timeout):
+        aliases = registered_model(mlflow_client, name).aliases  # read again now that the lock is held
+        if CHALLENGER not in aliases:
+            raise RegistryError(f"model {name!r} has no {CHALLENGER!r} alias; register a run first: "
+                                f"btc registry register RUN_ID --name {name}")
+        challenger = str(aliases[CHALLENGER])
+        champion = str(aliases[CHAMPION]) if CHAMPION in aliases else None
+        if challenger == champion:
+            return PromotionResult(name, challenger, champion, champion, False,
+                                   f"version {challenger} is already {CHAMPION}; nothing to do")
+        notes: list[str] = []
+        if eval_rows is None:
+            challenger_run = mlflow_client.get_model_version(name, challenger).run_id
+            eval_rows, _ = frozen_eval_rows(mlflow_client, challenger_run)
+            eval_source = f"test split of the challenger's run {challenger_run} (data/split.parquet)"
+            if champion is not None:
+                notes = _overlap_note(mlflow_client, mlflow_client.get_model_version(name, champion).run_id, eval_rows)
+        eval_set = f"{eval_source or 'given rows'}: {len(eval_rows)} images"
+
+        gates = _judge(name, challenger, champion, cfg, eval_rows)
+        model = registered_model(mlflow_client, name)
+        _check_aliases_unmoved(model, challenger, champion)  # a `register` or another machine may have moved one
+        passed = all(g.passed for g in gates)
+        was = f"v{champion}" if champion else "none"
+        if passed:
+            _move_champion(mlflow_client, model, challenger, champion)
+            reason = f"PROMOTED: {CHAMPION} -> v{challenger} (was {was})"
+        else:
+            failed = ", ".join(g.name for g in gates if not g.passed)
+            reason = f"REJECTED: gate(s) failed: {failed}; {CHAMPION} unchanged ({was})"
+        result = PromotionResult(name, challenger, champion, challenger if passed else champion, passed, reason,
+                                 gates, eval_set, notes)
+        _record(mlflow_client, result)
+        return result
+
+
+def rollback(name: str, *, lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[str, str]:
+    """Move ``champion`` back to the previous champion; returns ``(from_version, to_version)``.
+
+    Raises:
+        RegistryError: unknown name, no champion, or no earlier champion to return to.
+    """
+    mlflow_client = store.client()
+    registered_model(mlflow_client, name)
+    with registry_lock(store.registry_uri(mlflow_client.tracking_uri), lock_timeout):
+        model = registered_model(mlflow_client, name)
+        current = model.aliases.get(CHAMPION)
+        if current is None:
+            raise RegistryError(f"model {name!r} has no {CHAMPION}; nothing to roll back")
+        current = str(current)
+        history = champion_history(model)
+        while history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise RegistryError(f"model {name!r}: v{current} is the first {CHAMPION}; "
+                                "there is no earlier one to roll back to")
+        target = history[-1]
+        mlflow_client.set_registered_model_alias(name, CHAMPION, target)
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        mlflow_client.set_model_version_tag(name, current, "rolled_back_at", _now())
+        mlflow_client.set_model_version_tag(name, target, "restored_as_champion_at", _now())
+        return current, target
+
+
+def list_versions(name: str) -> list[dict]:
+    """Every version of ``name``, newest first: aliases, run, status, key test metrics, last decision.
+
+    Raises:
+        RegistryError: unknown name.
+    """
+    mlflow_client = store.client()
+    model = registered_model(mlflow_client, name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in model.aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in mlflow_client.search_model_versions(f"name = '{name}'"):
+        metrics = mlflow_client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        rows.append({"version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+                     "run_id": mv.run_id, "status": mv.status,
+                     "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc)
+                                        .isoformat(timespec="seconds"),
+                     **{k: metrics.get(k) for k in KEY_METRICS},
+                     "decision": mv.tags.get("promotion.decision", "")})
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
