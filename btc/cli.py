@@ -20,6 +20,11 @@ data_app.command("validate")(validate_command)
 # registry (MLflow)
 from btc.cli_registry import check_tracking, registry_app, track_training_run  # noqa: E402
 app.add_typer(registry_app, name="registry")
+# monitoring (Evidently)
+from btc.cli_monitor import monitor_command, reference_command  # noqa: E402
+
+app.command("monitor")(monitor_command)
+app.command("monitor-reference")(reference_command)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s train.epochs=5 (repeatable)")]

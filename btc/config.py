@@ -47,7 +47,7 @@ class TrainConfig(_Section):
     patience: int = Field(6, ge=1, description="epochs without a better validation macro-F1 before stopping")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    num_workers: int = Field(0, ge=0)
+    amp: bool = Field(True, description="mixed precision (float16 autocast + grad scaling) on CUDA")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores")
     rotation_degrees: float = Field(10.0, ge=0, le=45)
     hflip: bool = True
@@ -91,6 +91,9 @@ class MonitoringConfig(_Section):
     drift_share_threshold: float = Field(0.3, ge=0, le=1)
     min_predictions: int = Field(30, ge=1)
     window_hours: float = Field(24.0, gt=0)
+    pca_components: int = Field(8, ge=1, le=64, description="embedding PCA columns (emb_pc1..K) in the drift reference")
+    reference_dir: Path | None = Field(None, description="monitoring reference folder; default $BTC_HOME/monitoring/reference")
+    workspace: Path | None = Field(None, description="Evidently workspace for the dashboard; default $BTC_HOME/evidently")
 
 
 def _loader_modes() -> list[str]:

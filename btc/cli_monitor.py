@@ -1,0 +1,117 @@
+"""``btc monitor`` and ``btc monitor-reference``: drift monitoring as commands.
+
+Registered by :mod:`btc.cli` with ``app.command("monitor")(monitor_command)`` and
+``app.command("monitor-reference")(reference_command)``.
+
+``btc monitor`` reads a window of the prediction log, compares it with the reference in an
+Evidently report, adds the snapshot to the dashboard workspace, logs the verdict to MLflow
+and prints what it would do about drift (retraining itself is started by the Prefect
+``monitoring`` flow). Exit codes: 0 no drift, 3 drift, 1 no meaningful report was possible
+(missing reference, absent or empty log, too few predictions in the window), 2 the command
+was misused (invalid option or config).
+
+``btc monitor-reference`` builds the reference from a model and the validation images.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+EXIT_DRIFT = 3
+DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+
+
+def _error(message: str, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _load_config(config: Path | None, overrides: list[str] | None):
+    from btc.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        raise _error(str(err), 2) from None
+
+
+def monitor_command(
+    window_hours: Annotated[Optional[float], typer.Option(
+        "--window-hours", help="window length ending at --until; default monitoring.window_hours")] = None,
+    since: Annotated[Optional[datetime], typer.Option(formats=DATE_FORMATS, help="window start, UTC")] = None,
+    until: Annotated[Optional[datetime], typer.Option(formats=DATE_FORMATS, help="window end, UTC; default now")] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="prediction log; default $BTC_HOME/predictions.sqlite")] = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="reference folder; default monitoring.reference_dir or $BTC_HOME/monitoring/reference")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="report folder; default $BTC_HOME/reports/monitoring")] = None,
+    workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", help="Evidently workspace; default monitoring.workspace or $BTC_HOME/evidently")] = None,
+    dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard", help="add the snapshot to the workspace")] = True,
+    mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="log the verdict to experiment btc-monitoring")] = True,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="override, e.g. -s monitoring.min_predictions=50")] = None,
+) -> None:
+    """Drift report over a window of the prediction log. Exit 0: no drift, 3: drift, 1: no meaningful report."""
+    from btc.paths import btc_home, monitoring_dir, prediction_log_path, reports_dir
+    from btc.reference import MonitoringError
+    from monitoring.actions import act_on_drift
+    from monitoring.run import monitoring_options, run_monitoring
+
+    cfg = _load_config(config, set_)
+    options = monitoring_options(cfg)
+    if window_hours is not None:
+        options["window_hours"] = window_hours
+    reference = reference or cfg.monitoring.reference_dir or monitoring_dir() / "reference"
+    workspace = (workspace or cfg.monitoring.workspace or btc_home() / "evidently") if dashboard else None
+    try:
+        verdict = run_monitoring(log or prediction_log_path(), reference, since=since, until=until,
+                                 out_dir=out or reports_dir() / "monitoring", mlflow=mlflow, workspace=workspace,
+                                 **options)
+    except MonitoringError as err:
+        raise _error(str(err), 1) from None
+    except ValueError as err:
+        raise _error(str(err), 2) from None
+    typer.echo(verdict.summary())
+    typer.echo(f"report: {verdict.html}")
+    if workspace is not None:
+        typer.echo(f"dashboard: evidently ui --workspace {workspace} --port 8000")
+    if verdict.drifted:
+        typer.echo(act_on_drift(verdict, trigger=None))
+        raise typer.Exit(EXIT_DRIFT)
+
+
+def reference_command(
+    model: Annotated[str, typer.Argument(help="model.pt path or MLflow URI (models:/btc-classifier@champion)")],
+    split: Annotated[Path, typer.Option(help="split Parquet (path, label, split); its validation rows are used")],
+    out: Annotated[Optional[Path], typer.Option(help="reference folder; default $BTC_HOME/monitoring/reference")] = None,
+    split_name: Annotated[str, typer.Option("--split-name", help="which split's rows to use")] = "val",
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s monitoring.pca_components=6")] = None,
+) -> None:
+    """Build the monitoring reference from a model and the validation images (run at promotion)."""
+    import pandas as pd
+
+    from btc.paths import monitoring_dir
+    from btc.predict import Predictor
+    from btc.reference import build_reference
+
+    cfg = _load_config(config, set_)
+    if not split.is_file():
+        raise _error(f"split file {str(split)!r} does not exist; write one with btc data split", 2)
+    rows = pd.read_parquet(split)
+    if "split" not in rows.columns or (rows["split"] == split_name).sum() == 0:
+        found = sorted(rows["split"].unique()) if "split" in rows.columns else []
+        raise _error(f"no rows with split {split_name!r} in {str(split)!r}; found {', '.join(map(str, found)) or 'none'}", 2)
+    try:
+        predictor = Predictor.load(model)
+        built = build_reference(predictor, rows[rows["split"] == split_name], pca_components=cfg.monitoring.pca_components,
+                                source=f"{split}:{split_name}")
+    except (FileNotFoundError, ValueError) as err:
+        raise _error(str(err), 2) from None
+    target = built.save(out or cfg.monitoring.reference_dir or monitoring_dir() / "reference")
+    typer.echo(f"reference of {len(built.features)} images for {predictor.name} v{predictor.version} -> {target}")

@@ -1,0 +1,327 @@
+"""Monitoring: reference, drift reports on logged predictions, dashboard, acting on drift, refusals.
+
+The predictions are made by the tiny model of ``trained_run`` on the synthetic images and
+written to a real prediction log exactly as the service writes them (``log_records``).
+Every image is used once: even-numbered images build the reference, odd-numbered ones
+are "the service's traffic".
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from btc.data.images import decode_gray
+from btc.data.stats import image_statistics
+from btc.predict import Predictor
+from btc.predlog import SCHEMA, PredictionLog
+from btc.reference import (MonitoringError, build_reference, features_from_log, load_reference, log_records,
+                           prediction_record, probability_entropy, records_frame, reference_from_records)
+from monitoring.actions import RETRAIN_DEPLOYMENT, act_on_drift
+from monitoring.dashboard import PROJECT, ensure_project, snapshot_points
+from monitoring.drift import drift_report
+from monitoring.run import run_monitoring
+
+DAY1 = datetime(2025, 3, 1, tzinfo=timezone.utc)
+DAY2 = DAY1 + timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.load(trained_run.model_path)
+
+
+@pytest.fixture(scope="module")
+def grays(synth_root):
+    """All synthetic images as grayscale arrays (even: reference, odd: traffic)."""
+    return [decode_gray(p)[0] for p in sorted(synth_root.glob("*/*/*.jpg"))]
+
+
+@pytest.fixture(scope="module")
+def reference_dir(predictor, grays, tmp_path_factory):
+    return build_reference(predictor, grays[0::2], pca_components=8).save(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def traffic(predictor, grays):
+    """Records of the odd-numbered images, as the service logs them."""
+    return log_records(predictor, grays[1::2])
+
+
+def _stamped(records: list[dict], start: datetime) -> list[dict]:
+    return [{**r, "ts": (start + timedelta(minutes=i)).isoformat()} for i, r in enumerate(records)]
+
+
+def _shift(name: str, gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    g = gray.astype(np.float64)
+    shifted = {"brighter": lambda: g * 1.2, "noisier": lambda: g + rng.normal(0, 20, g.shape),
+               "rotated": lambda: np.rot90(g), "inverted": lambda: 255 - g}[name]()
+    return np.clip(shifted, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def monitored(predictor, grays, traffic, reference_dir, tmp_path_factory):
+    """Two daily windows through run_monitoring: day 1 like the reference, day 2 inverted (CT-like) images.
+
+    Module-scoped, so it sets its own MLflow store (the autouse isolation is per test).
+    """
+    root = tmp_path_factory.mktemp("monitored")
+    rng = np.random.default_rng(0)
+    inverted = log_records(predictor, [_shift("inverted", g, rng) for g in grays[1::2]])
+    log = PredictionLog(root / "predictions.sqlite")
+    log.append(_stamped(traffic, DAY1 + timedelta(hours=1)) + _stamped(inverted, DAY2 + timedelta(hours=1)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
+        mp.setenv("BTC_HOME", str(root / "btc_home"))
+        kw = dict(window_hours=24, min_predictions=30, threshold=0.3, out_dir=root / "reports", mlflow=True,
+                  workspace=root / "evidently")
+        day1 = run_monitoring(log.path, reference_dir, until=DAY2, **kw)
+        day2 = run_monitoring(log.path, reference_dir, until=DAY2 + timedelta(days=1), **kw)
+    return {"root": root, "log": log.path, "day1": day1, "day2": day2, "inverted": inverted}
+
+
+def test_log_records_have_the_service_record_shape(predictor, grays, tmp_path):
+    images = grays[:6]
+    records = log_records(predictor, images, ts=DAY1)
+    log = PredictionLog(tmp_path / "log.sqlite")
+    log.append(records)
+    back = log.read()
+    assert set(back.columns) - {"id"} == set(records_frame(records).columns)
+    probs = predictor.predict_proba(images)
+    np.testing.assert_allclose(back["confidence"], probs.max(1), rtol=1e-6)
+    np.testing.assert_allclose(back["prob_entropy"], probability_entropy(probs), rtol=1e-6)
+    assert back["prob_entropy"].between(0, np.log2(len(predictor.classes))).all()
+    assert list(back["predicted"]) == [predictor.classes[i] for i in probs.argmax(1)]
+    assert (back["ts"] == DAY1).all() and back["model_version"].eq(str(predictor.version)).all()
+    assert len(back["embedding"][0]) == predictor.embed(images[:1]).shape[1]
+    # what the service builds from its own forward pass is the same record (a naive time is UTC)
+    single = prediction_record(predictor, images[0], probs[0], predictor.embed(images[:1])[0], ts=DAY1.replace(tzinfo=None))
+    assert {k: v for k, v in single.items() if k != "embedding"} == {k: v for k, v in records[0].items() if k != "embedding"}
+    # statistics of the upload at its own size (96 px), not of the model's 64-px input
+    assert image_statistics(images[0]) == records[0]["stats"] and back["width"][0] == 96
+    with pytest.raises(ValueError, match="6 images but 2 timestamps"):
+        log_records(predictor, images, ts=[DAY1, DAY2])
+
+
+def test_features_of_service_records_equal_those_of_log_records(predictor, synth_root, reference_dir):
+    """The service builds its records with btc.serving_logic; monitoring must see the same features."""
+    from btc.ood import OodRule
+    from btc.serving_logic import decode_upload, log_record, model_inputs, model_outputs, prediction
+
+    paths = sorted(synth_root.glob("*/*/*.jpg"))[1:24:4]
+    uploads = [decode_upload(p.read_bytes(), p.name, max_bytes=10**7, max_pixels=10**7) for p in paths]
+    outputs = model_outputs(predictor, model_inputs(uploads, predictor.image_size))
+    service = [log_record(u, prediction(u, o, classes=list(predictor.classes), model_name=predictor.name,
+                                        model_version=str(predictor.version), rule=OodRule(), elapsed_ms=0.0), o)
+               for u, o in zip(uploads, outputs)]
+    reference = load_reference(reference_dir)
+    theirs = features_from_log(records_frame(service), reference)
+    ours = features_from_log(records_frame(log_records(predictor, paths)), reference)
+    assert list(theirs.columns) == list(ours.columns) and (theirs["predicted"] == ours["predicted"]).all()
+    numeric = ours.columns.drop("predicted")
+    np.testing.assert_allclose(theirs[numeric], ours[numeric], atol=1e-4)  # the service rounds to 6 decimals
+
+
+def test_reference_round_trips_and_logged_features_match_it(predictor, grays, reference_dir, traffic, tmp_path):
+    reference = load_reference(reference_dir)
+    assert reference.metadata["model_name"] == predictor.name and reference.metadata["images"] == len(grays[0::2])
+    assert reference.components.shape == (8, len(reference.mean))
+    assert list(reference.features.columns) == (reference.image_columns + reference.prediction_columns
+                                                + [f"emb_pc{i}" for i in range(1, 9)])
+    np.testing.assert_allclose(reference.features[reference.embedding_columns].mean(), 0, atol=1e-6)
+    assert not reference.features.isna().any().any()
+    # the same images logged by the service give the same features (embeddings are stored to 5 decimals)
+    log = PredictionLog(tmp_path / "log.sqlite")
+    log.append(log_records(predictor, grays[0::2]))
+    again = features_from_log(log.read(), reference)
+    assert list(again.columns) == list(reference.features.columns)
+    numeric = again.columns.drop("predicted")
+    np.testing.assert_allclose(again[numeric], reference.features[numeric], atol=1e-3)
+    assert (again["predicted"] == reference.features["predicted"]).all()
+    with pytest.raises(ValueError, match="pca_components=80 with 80 reference images"):
+        build_reference(predictor, grays[0::2], pca_components=80)
+    with pytest.raises(ValueError, match="records by 2 models"):
+        reference_from_records(traffic[:10] + [{**r, "model_version": "v9"} for r in traffic[:10]], pca_components=4)
+
+
+def test_images_like_the_reference_show_no_drift(monitored):
+    day1 = monitored["day1"]
+    assert not day1.drifted and day1.share < day1.threshold and not day1.drifted_groups
+    # the window holds day 1 only: day 2's inverted images were logged too but are outside it
+    assert day1.n_current == 80 and day1.window[1] == DAY2.isoformat()
+    html = day1.html.read_text()
+    assert all(column in html for column in ("black_border_share", "p_glioma", "emb_pc8"))
+    assert day1.html.with_suffix(".verdict.json").is_file()
+    calls = []
+    assert act_on_drift(day1, trigger=calls.append).startswith("no drift") and calls == []
+
+
+def test_verdicts_are_logged_to_mlflow(monitored):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{monitored['root'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("btc-monitoring")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.data.metrics["drift_share"] for r in runs] == [monitored["day1"].share, monitored["day2"].share]
+    assert runs[1].data.metrics["drifted"] == 1.0 and runs[1].data.metrics["predictions"] == 80
+    artifacts = [a.path for a in client.list_artifacts(runs[1].info.run_id, "drift")]
+    assert "drift/verdict.json" in artifacts and any(a.endswith(".html") for a in artifacts)
+
+
+def test_ct_like_images_drift_and_trigger_retraining(monitored, caplog):
+    day2 = monitored["day2"]
+    assert day2.drifted and day2.share >= day2.threshold
+    assert {"image", "prediction", "embedding"} <= set(day2.drifted_groups)
+    calls = []
+    with caplog.at_level(logging.WARNING):
+        message = act_on_drift(day2, trigger=lambda v: calls.append(v) or "flow-run-1")
+    assert calls == [day2] and message == f"triggered deployment {RETRAIN_DEPLOYMENT}: flow-run-1"
+    assert any(r.message.startswith("DRIFT ALERT: DRIFT") for r in caplog.records)
+    with caplog.at_level(logging.WARNING):
+        assert act_on_drift(day2, trigger=None).startswith(f"would trigger deployment {RETRAIN_DEPLOYMENT}")
+
+
+@pytest.mark.parametrize(("shift", "group"), [("brighter", "image"), ("noisier", "image"), ("rotated", "embedding")])
+def test_shifted_images_drift_and_trigger_retraining(shift, group, predictor, grays, reference_dir, tmp_path):
+    reference = load_reference(reference_dir)
+    rng = np.random.default_rng(0)
+    shifted = [_shift(shift, g, rng) for g in grays[1::2]]
+    current = features_from_log(records_frame(log_records(predictor, shifted)), reference)
+    verdict = drift_report(reference.features, current, out_html=tmp_path / "drift.html", threshold=0.3)
+    assert verdict.drifted and group in verdict.drifted_groups, verdict.summary()
+    calls = []
+    act_on_drift(verdict, trigger=calls.append)
+    assert calls == [verdict]
+
+
+def test_class_mix_shift_is_prediction_drift(predictor, traffic, reference_dir, tmp_path):
+    """Only patients of one kind arrive: the answers' class mix shifts.
+
+    The tiny test model is close to chance (it calls most images notumor), so "one class's
+    images" is realised as the images it assigns to one minority class.
+    """
+    reference = load_reference(reference_dir)
+    reference_mix = reference.features["predicted"].value_counts(normalize=True)
+    answered = records_frame(traffic)
+    counts = answered["predicted"].value_counts()
+    minority = [c for c in counts.index if reference_mix.get(c, 0) < 0.5 and counts[c] >= 5]
+    assert minority, f"the model answers {counts.to_dict()}; no minority class with 5 images"
+    current = features_from_log(answered[answered["predicted"] == minority[0]], reference)
+    verdict = drift_report(reference.features, current, out_html=tmp_path / "mix.html", threshold=0.3)
+    assert "predicted" in verdict.drifted_columns and verdict.group_shares["prediction"] > 0, verdict.summary()
+
+
+def test_no_meaningful_report_is_refused(reference_dir, traffic, tmp_path):
+    kw = dict(window_hours=24, until=DAY2, min_predictions=30, out_dir=tmp_path / "reports")
+    log = tmp_path / "predictions.sqlite"
+    with pytest.raises(MonitoringError, match="does not exist"):
+        run_monitoring(log, reference_dir, **kw)
+    with pytest.raises(MonitoringError, match=r"nope.*lacks features\.parquet"):
+        run_monitoring(log, tmp_path / "nope", **kw)
+    with sqlite3.connect(log) as con:
+        con.executescript(SCHEMA)
+    with pytest.raises(MonitoringError, match="is empty"):
+        run_monitoring(log, reference_dir, **kw)
+    PredictionLog(log).append(_stamped(traffic[:5], DAY1 + timedelta(hours=1)))
+    with pytest.raises(MonitoringError, match="^5 predictions .* at least 30 are needed"):
+        run_monitoring(log, reference_dir, **kw)
+    with pytest.raises(MonitoringError, match="no predictions between"):
+        run_monitoring(log, reference_dir, **{**kw, "until": DAY1})
+    PredictionLog(log).append(_stamped([{**r, "model_version": "v9"} for r in traffic], DAY1 + timedelta(hours=2)))
+    with pytest.raises(MonitoringError, match="^5 predictions"):  # other models' predictions do not count
+        run_monitoring(log, reference_dir, **kw)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_dashboard_holds_one_point_per_window(monitored):
+    points = snapshot_points(monitored["root"] / "evidently")
+    assert [p["timestamp"] for p in points] == [DAY2.replace(tzinfo=None), (DAY2 + timedelta(days=1)).replace(tzinfo=None)]
+    for point, verdict in zip(points, [monitored["day1"], monitored["day2"]]):
+        assert point["predictions"] == verdict.n_current
+        assert sum(point["class_mix"].values()) == pytest.approx(1.0)
+    # Evidently's own drifted-column count agrees with the verdict's
+    assert points[0]["drift_share"] == pytest.approx(monitored["day1"].share, abs=1e-4)
+    assert points[1]["drift_share"] == pytest.approx(monitored["day2"].share, abs=1e-4)
+    day2_confidence = np.mean([r["confidence"] for r in monitored["inverted"]])
+    assert points[1]["mean_confidence"] == pytest.approx(day2_confidence, rel=1e-6)
+    _, project = ensure_project(monitored["root"] / "evidently")  # found again, not duplicated
+    titles = [p.title for p in project.dashboard.model().panels]
+    assert titles == ["Drift share (latest window)", "Predictions (latest window)", "Drift share", "Class mix",
+                      "Mean confidence"]
+
+
+def test_cli_monitor_exit_codes(monitored, reference_dir, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import EXIT_DRIFT, monitor_command
+
+    app = typer.Typer()
+    app.command("monitor")(monitor_command)
+    app.command("unused")(lambda: None)  # two commands: typer keeps "monitor" as a sub-command name
+    base = ["monitor", "--log", str(monitored["log"]), "--reference", str(reference_dir), "--out", str(tmp_path),
+            "--no-mlflow", "--no-dashboard"]
+    drifted = CliRunner().invoke(app, base + ["--until", "2025-03-03T00:00:00"])
+    assert drifted.exit_code == EXIT_DRIFT, drifted.output
+    assert "DRIFT in" in drifted.output and f"would trigger deployment {RETRAIN_DEPLOYMENT}" in drifted.output
+    too_few = CliRunner().invoke(app, base + ["--until", "2025-03-01T00:30:00"])
+    assert too_few.exit_code == 1 and "no predictions between" in too_few.output
+
+
+def test_cli_monitor_reference_builds_from_the_validation_split(trained_run, synth_split, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import reference_command
+
+    app = typer.Typer()
+    app.command("monitor-reference")(reference_command)
+    app.command("unused")(lambda: None)
+    synth_split.to_parquet(tmp_path / "split.parquet")
+    args = ["monitor-reference", str(trained_run.model_path), "--split", str(tmp_path / "split.parquet"),
+            "--out", str(tmp_path / "ref"), "-s", "monitoring.pca_components=4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    reference = load_reference(tmp_path / "ref")
+    assert reference.metadata["images"] == int((synth_split["split"] == "val").sum())
+    assert reference.embedding_columns == ["emb_pc1", "emb_pc2", "emb_pc3", "emb_pc4"]
+    wrong = CliRunner().invoke(app, args + ["--split-name", "holdout"])
+    assert wrong.exit_code == 2 and "no rows with split 'holdout'" in wrong.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_evidently_ui_serves_the_dashboard(monitored):
+    port = _free_port()
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "evidently"), "ui", "--workspace",
+                           str(monitored["root"] / "evidently"), "--host", "127.0.0.1", "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, response = time.monotonic() + 90, None
+        while time.monotonic() < deadline and ui.poll() is None:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/api/projects", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert response is not None, f"evidently ui did not answer on port {port} (exit code {ui.poll()})"
+        assert response.status_code == 200 and [p["name"] for p in response.json()] == [PROJECT]
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
