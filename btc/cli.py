@@ -25,6 +25,10 @@ from btc.cli_monitor import monitor_command, reference_command  # noqa: E402
 
 app.command("monitor")(monitor_command)
 app.command("monitor-reference")(reference_command)
+# serving (BentoML)
+from btc.cli_serve import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s train.epochs=5 (repeatable)")]

@@ -1,0 +1,172 @@
+"""``btc serve``: run the BentoML service (``serving/service.py``) on one model.
+
+A plain function the CLI registers (``app.command("serve")(serve_command)``); it starts
+``bentoml serve`` as a child process with the model and settings passed as environment
+variables, so the service loads the model exactly as it does in a container. The tests and
+the benchmark start and stop the service with :func:`start_service` and :func:`stop_service`.
+
+Stopping: BentoML's workers run in sessions of their own, and without a bound uvicorn waits
+for ever for idle connections to close, so a SIGTERM could leave the entry worker running.
+The command therefore passes ``--timeout-graceful-shutdown``, and :func:`stop_service` kills
+the workers it recorded if the server has not exited in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+SERVICE = "serving.service:BrainTumorClassifier"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def serve_environment(model: str, *, workers: int, api_key_env: str, config: Path | None,
+                      base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the ``bentoml serve`` child process.
+
+    Args:
+        model: ``model.pt`` path or MLflow URI (``models:/btc-classifier@champion``).
+        workers: HTTP worker processes of the entry service.
+        api_key_env: the variable holding the API key (copied into ``BTC_API_KEY``).
+        config: YAML config whose ``serving`` section sets the limits.
+        base: the environment to start from (default this process's).
+
+    Raises:
+        ValueError: ``workers`` below 1, or ``config`` is not a file.
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: expected 1 or more")
+    if config is not None and not Path(config).is_file():
+        raise ValueError(f"config file {str(config)!r} does not exist")
+    env = dict(os.environ if base is None else base)
+    is_uri = model.startswith(("models:/", "runs:/"))
+    env["BTC_MODEL_URI"] = model if is_uri else str(Path(model).resolve())
+    env["BTC_API_WORKERS"] = str(workers)
+    # Absolute, because the server runs from the project root: the default MLflow store and the
+    # prediction log stay where `btc` would put them from the caller's directory.
+    env["BTC_HOME"] = str(Path(env.get("BTC_HOME", ".btc")).resolve())
+    if config is not None:
+        env["BTC_CONFIG"] = str(Path(config).resolve())
+    key = env.get(api_key_env)
+    if key:
+        env["BTC_API_KEY"] = key
+    elif api_key_env != "BTC_API_KEY":
+        env.pop("BTC_API_KEY", None)
+    return env
+
+
+def serve_command(
+    model: str = typer.Option("models:/btc-classifier@champion", "--model", "-m",
+                              help="model.pt path or MLflow URI (models:/name@alias)"),
+    port: int = typer.Option(3000, help="TCP port"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 to expose it)"),
+    api_key_env: str = typer.Option("BTC_API_KEY", help="environment variable holding the API key; unset: no key"),
+    workers: int = typer.Option(1, min=1, help="HTTP worker processes (the model runs in its own process)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (serving limits)"),
+) -> None:
+    """Serve the classifier over HTTP: /predict, /predict_batch, /explain, /metadata, /readyz."""
+    if not model.startswith(("models:/", "runs:/")) and not Path(model).is_file():
+        typer.secho(f"error: model {model!r} is neither an existing model.pt nor a models:/ or runs:/ URI",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        env = serve_environment(model, workers=workers, api_key_env=api_key_env, config=config)
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    command = serve_command_line(host, port)
+    typer.echo(f"serving {env['BTC_MODEL_URI']} on http://{host}:{port} "
+               f"(API key {'required' if env.get('BTC_API_KEY') else 'off'})")
+    proc = subprocess.Popen(command, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the server got the Ctrl+C too; let it finish shutting down
+        try:
+            proc.wait(timeout=GRACEFUL_SHUTDOWN_S + 10)
+        except subprocess.TimeoutExpired:
+            stop_service(proc, timeout=5)
+        code = 130
+    raise typer.Exit(code)
+
+
+def serve_command_line(host: str, port: int) -> list[str]:
+    """The ``bentoml serve`` command for the service, run from the project root."""
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port),
+            "--working-dir", str(PROJECT_ROOT), "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S)]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def start_service(env: dict[str, str], *, port: int, log_path: Path, host: str = "127.0.0.1",
+                  ready_timeout: float = 120.0) -> subprocess.Popen:
+    """Start ``bentoml serve`` and wait until ``/readyz`` answers 200 (model loaded).
+
+    Args:
+        env: the child's environment (see :func:`serve_environment`).
+        port: TCP port.
+        log_path: file that receives the server's output.
+        host: interface.
+        ready_timeout: seconds to wait for readiness.
+
+    Returns:
+        The server process; its worker ids are recorded on it as ``workers`` for :func:`stop_service`.
+
+    Raises:
+        RuntimeError: the server exited or was not ready in time (the message ends with its log).
+    """
+    import httpx
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(serve_command_line(host, port), cwd=PROJECT_ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            exited = proc.poll() is not None
+            problem = f"exited with {proc.returncode}" if exited else f"not ready in {ready_timeout:.0f} s"
+            stop_service(proc)
+            raise RuntimeError(f"bentoml serve {problem}:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
+        try:
+            if httpx.get(f"http://{host}:{port}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.workers = _children(proc.pid)  # type: ignore[attr-defined]
+    return proc
+
+
+def stop_service(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a server started by :func:`start_service`: SIGTERM, then SIGKILL to it and its workers."""
+    workers = list(getattr(proc, "workers", [])) or _children(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for pid in workers:
+        try:  # only if the id still names a BentoML worker (ids are reused)
+            if b"_bentoml_impl" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass

@@ -1,0 +1,399 @@
+"""The HTTP service: request logic and OOD rule without a server, then a real ``bentoml serve``.
+
+The integration tests start one real server (module-scoped) on 127.0.0.1 with the tiny
+trained model and an API key, and talk to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sqlite3
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from btc import serving_logic as logic
+from btc.cli_serve import serve_environment, start_service, stop_service
+from btc.data.stats import image_statistics
+from btc.labels import CLASSES
+from btc.ood import OodRule, colour_saturation, ood_reasons, statistics_reasons
+from btc.predict import Predictor
+from btc.predlog import PredictionLog
+from btc.serving_guard import _FormScan
+
+API_KEY = "test-key-123"
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 1_000_000
+MAX_IMAGES = 4
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def colour_photo(seed: int = 0, size: int = 160) -> np.ndarray:
+    """A frame-filling colourful picture: smooth colour gradients plus coloured blocks."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([x, y, 1 - x * y], axis=-1) * 200 + 30
+    for _ in range(6):
+        x0, y0 = rng.integers(0, size - 40, 2)
+        rgb[y0:y0 + 40, x0:x0 + 40] = rng.uniform(0, 255, 3)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that declares ``width`` x ``height`` but holds almost no pixel data: a decompression-bomb header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def mri_paths(synth_root) -> list[Path]:
+    return sorted((synth_root / "Testing").glob("*/*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def mri_path(mri_paths) -> Path:
+    """A synthetic slice whose statistics pass the OOD rule (a few synthetic ones have grey borders)."""
+    for path in mri_paths:
+        upload = logic.read_upload(path, max_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+        if not statistics_reasons(upload.stats, upload.saturation):
+            return path
+    pytest.fail("no synthetic slice passes the OOD statistics")
+
+
+# --- OOD rule ----------------------------------------------------------------------------------
+
+def test_ood_statistics_accept_mri_and_reject_photos_and_blanks(mri_paths):
+    def reasons(data: bytes) -> list[str]:
+        upload = logic.decode_upload(data, "x", max_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+        return statistics_reasons(upload.stats, upload.saturation)
+
+    flagged = [p for p in mri_paths if reasons(p.read_bytes())]
+    assert len(flagged) <= 0.1 * len(mri_paths), f"{len(flagged)} of {len(mri_paths)} synthetic slices flagged"
+    assert any("colour image" in r for r in reasons(encode(colour_photo(), "JPEG")))
+    grey_photo = np.asarray(Image.fromarray(colour_photo()).convert("L"))
+    assert any("no dark background" in r for r in reasons(encode(grey_photo)))
+    for value in (0, 128, 255):
+        assert any("almost uniform" in r for r in reasons(encode(np.full((96, 96), value, np.uint8))))
+
+
+def test_ood_confidence_part_and_thresholds():
+    stats = image_statistics(np.pad(np.full((60, 60), 120, np.uint8) + np.arange(60, dtype=np.uint8), 20))
+    assert statistics_reasons(stats, 0.0) == []
+    assert ood_reasons(stats, 0.0, confidence=0.9) == []
+    low = ood_reasons(stats, 0.0, confidence=0.3)
+    assert len(low) == 1 and "low model confidence (0.30 < 0.50)" in low[0]
+    assert ood_reasons(stats, 0.0, confidence=0.3, rule=OodRule(min_confidence=0.2)) == []
+    assert any("colour" in r for r in ood_reasons(stats, 0.2, confidence=0.9))
+
+
+def test_colour_saturation_is_zero_for_grey_files_and_high_for_colour():
+    grey = np.repeat(np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8)[..., None], 3, axis=2)
+    assert colour_saturation(encode(grey[..., 0]), "L") == 0.0
+    assert colour_saturation(encode(grey), "RGB") < 0.02  # grey content stored as RGB
+    assert colour_saturation(encode(colour_photo()), "RGB") > 0.15
+
+
+# --- request logic -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, status, message", [
+    (b"", 400, "empty file (0 bytes)"),
+    (b"this is not an image at all" * 10, 400, "not an image"),
+    (None, 400, "truncated"),  # a JPEG cut in half, filled in below
+    (b"x" * (MAX_UPLOAD + 1), 413, f"{MAX_UPLOAD + 1} bytes, over the limit of {MAX_UPLOAD} bytes"),
+    (png_header_only(2000, 2000), 400, f"2000x2000 = 4000000 pixels, over the limit of {MAX_PIXELS}"),
+])
+def test_read_upload_refuses_bad_files_with_the_reason(tmp_path, mri_path, data, status, message):
+    if data is None:
+        whole = mri_path.read_bytes()
+        data = whole[: len(whole) // 2]
+    path = tmp_path / "tmpabcdefghscan.jpg"  # BentoML's temporary name: tmp + 8 characters + the client's name
+    path.write_bytes(data)
+    with pytest.raises(logic.UploadError) as caught:
+        logic.read_upload(path, max_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+    assert caught.value.status == status
+    assert message in str(caught.value) and str(caught.value).startswith("scan.jpg: ")
+
+
+def test_answer_and_log_record_from_a_real_model(trained_run, mri_path, tmp_path):
+    predictor = Predictor.load(trained_run.model_path)
+    upload = logic.read_upload(mri_path, max_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, keep_bytes=True)
+    outputs = logic.model_outputs(predictor, logic.model_inputs([upload, upload], predictor.image_size))
+    assert [o["batch_size"] for o in outputs] == [2, 2]
+    # The service's path (decode, resize, batch) gives what `btc predict` gives for the same file.
+    expected = predictor.predict_proba([mri_path.read_bytes()])[0]
+    np.testing.assert_allclose(outputs[0]["probabilities"], expected, atol=1e-5)
+
+    card = logic.model_card(predictor, OodRule())
+    answer = logic.prediction(upload, outputs[0], classes=card["classes"], model_name=card["model_name"],
+                              model_version=card["model_version"], rule=OodRule(min_confidence=0.0), elapsed_ms=12.5)
+    assert answer["predicted"] == CLASSES[int(np.argmax(expected))]
+    assert answer["confidence"] == pytest.approx(float(expected.max()), abs=1e-6)
+    assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert answer["ood"] is False and answer["warning"] is None and answer["time_ms"] == 12.5
+    assert answer["model_version"] == trained_run.model_path.parent.name
+    unsure = logic.prediction(upload, outputs[0], classes=card["classes"], model_name="m", model_version="1",
+                              rule=OodRule(min_confidence=1.0), elapsed_ms=1)
+    assert unsure["ood"] is True and "Do not rely on the predicted class" in unsure["warning"]
+
+    log = PredictionLog(tmp_path / "log.sqlite")
+    log.append([logic.log_record(upload, answer, outputs[0])])
+    row = log.read().iloc[0]
+    assert row["predicted"] == answer["predicted"] and row["model_version"] == answer["model_version"]
+    assert len(row["embedding"]) == len(outputs[0]["embedding"]) > 0
+    assert row["black_border_share"] == pytest.approx(upload.stats["black_border_share"])
+    with sqlite3.connect(log.path) as con:  # kept because this upload was read with keep_bytes=True
+        assert con.execute("SELECT image FROM predictions").fetchone()[0] == mri_path.read_bytes()
+    assert card["intended_use"] == "decision support for trained clinicians, not a diagnosis"
+    assert card["input"]["size"] == [predictor.image_size] * 2
+
+
+def test_settings_come_from_the_config_file_and_env(tmp_path):
+    config = tmp_path / "serving.yaml"
+    config.write_text("serving:\n  max_upload_bytes: 5000\n  ood_min_confidence: 0.7\n")
+    settings = logic.settings_from_env({"BTC_CONFIG": str(config), "BTC_LOG_IMAGES": "1"})
+    assert settings.max_upload_bytes == 5000 and settings.rule.min_confidence == 0.7 and settings.log_images
+    assert logic.settings_from_env({}).log_images is False
+
+
+def test_form_scan_sees_part_names_split_across_chunks():
+    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n" + b"\xff" * 10
+            + b"\r\n--xyz--\r\n")
+    scan = _FormScan("image", limit=10_000)
+    for start in range(0, len(body), 7):  # header split over many chunks
+        scan.feed(body[start:start + 7])
+    status, message = scan.refusal()
+    assert status == 400 and "unexpected form field(s) 'file'" in message and "field 'image'" in message
+
+
+def test_serve_environment_passes_model_key_and_workers(tmp_path):
+    env = serve_environment("models:/btc-classifier@champion", workers=3, api_key_env="MY_KEY", config=None,
+                            base={"MY_KEY": "s3cret", "BTC_API_KEY": "old"})
+    assert env["BTC_MODEL_URI"] == "models:/btc-classifier@champion" and env["BTC_API_WORKERS"] == "3"
+    assert env["BTC_API_KEY"] == "s3cret"
+    env = serve_environment(str(tmp_path / "model.pt"), workers=1, api_key_env="MY_KEY", config=None,
+                            base={"BTC_API_KEY": "old"})
+    assert "BTC_API_KEY" not in env and env["BTC_MODEL_URI"] == str((tmp_path / "model.pt").resolve())
+    assert Path(env["BTC_HOME"]).is_absolute()
+    with pytest.raises(ValueError, match="workers=0"):
+        serve_environment("m.pt", workers=0, api_key_env="X", config=None)
+
+
+# --- the real service --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    """``bentoml serve`` on the tiny model, with an API key and small limits; yields its URL and home."""
+    home = tmp_path_factory.mktemp("serve")
+    config = home / "config.yaml"
+    config.write_text(f"serving:\n  max_upload_bytes: {MAX_UPLOAD}\n  max_pixels: {MAX_PIXELS}\n"
+                      f"  max_batch_images: {MAX_IMAGES}\n")
+    env = {**os.environ, "BTC_MODEL_URI": str(trained_run.model_path), "BTC_API_KEY": API_KEY,
+           "BTC_CONFIG": str(config), "BTC_HOME": str(home / "btc_home"), "BENTOML_HOME": str(home / "bentoml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "BTC_TORCH_THREADS": "1",
+           "BENTOML_DO_NOT_TRACK": "True"}
+    for name in ("BTC_LOG_IMAGES", "BTC_PREDICTION_LOG"):
+        env.pop(name, None)
+    port = _free_port()
+    proc = start_service(env, port=port, log_path=home / "serve.log")
+    try:
+        yield f"http://127.0.0.1:{port}", home
+    finally:
+        stop_service(proc)
+    assert proc.returncode is not None and not [p for p in proc.workers if Path(f"/proc/{p}").exists()]
+
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def post(url: str, route: str, files=None, headers=AUTH, **kw) -> httpx.Response:
+    return httpx.post(f"{url}{route}", files=files, headers=headers, timeout=60, **kw)
+
+
+def image_file(path: Path, field: str = "image"):
+    return [(field, (path.name, path.read_bytes(), "image/jpeg"))]
+
+
+@pytest.mark.integration
+class TestService:
+    def test_health_is_open_and_everything_else_needs_the_key(self, server, mri_path):
+        url, _ = server
+        assert httpx.get(f"{url}/livez").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
+            response = post(url, "/predict", image_file(mri_path), headers=headers)
+            assert response.status_code == 401 and "API key" in response.json()["error"]
+        assert httpx.get(f"{url}/metadata").status_code == 401
+        assert post(url, "/predict", image_file(mri_path), headers={"X-API-Key": API_KEY}).status_code == 200
+
+    def test_predict_answers_like_the_predictor(self, server, mri_path, trained_run):
+        url, _ = server
+        response = post(url, "/predict", image_file(mri_path))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = Predictor.load(trained_run.model_path).predict_proba([mri_path.read_bytes()])[0]
+        assert list(body["probabilities"]) == list(CLASSES)
+        np.testing.assert_allclose(list(body["probabilities"].values()), expected, atol=1e-4)
+        assert body["predicted"] == CLASSES[int(expected.argmax())]
+        assert body["confidence"] == pytest.approx(float(expected.max()), abs=1e-4)
+        assert body["model_name"] == "btc-classifier" and body["model_version"] == trained_run.model_path.parent.name
+        assert body["time_ms"] > 0 and body["filename"] == mri_path.name
+        assert body["ood"] == bool(body["ood_reasons"]) and body["image"]["format"] == "JPEG"
+
+    def test_metadata(self, server):
+        url, _ = server
+        card = httpx.get(f"{url}/metadata", headers=AUTH).json()
+        assert card["classes"] == list(CLASSES) and card["input"]["size"] == [64, 64]
+        assert "not a diagnosis" in card["intended_use"] and "standardisation" in card["preprocessing"]
+        assert card["ood_rule"]["min_confidence"] == 0.5
+
+    def test_explain_returns_a_png_overlay(self, server, mri_path):
+        url, _ = server
+        response = post(url, "/explain", image_file(mri_path))
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
+        assert response.headers["x-predicted-class"] in CLASSES
+
+    @pytest.mark.parametrize("files, kwargs, status, message", [
+        ([("image", ("notes.txt", b"plain text, not pixels" * 20, "text/plain"))], {}, 400, "not an image"),
+        ("truncated", {}, 400, "truncated"),
+        ([("image", ("empty.jpg", b"", "image/jpeg"))], {}, 400, "empty file (0 bytes)"),
+        ([("image", ("big.jpg", b"\xff" * (MAX_UPLOAD + 10), "image/jpeg"))], {}, 413,
+         "over the limit of 200000 bytes"),
+        ([("image", ("bomb.png", png_header_only(5000, 5000), "image/png"))], {}, 400,
+         "25000000 pixels, over the limit"),
+        ("wrong field", {}, 400,
+         "unexpected form field(s) 'file'; this endpoint takes the image file(s) in field 'image'"),
+        ([("image", (None, b"http://127.0.0.1/x.jpg"))], {}, 400, "must be a file upload"),
+        (None, {}, 400, "empty request: send multipart/form-data"),
+        (None, {"json": {"image": "x"}}, 415, "unsupported content type 'application/json'"),
+        (None, {"content": b"", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}}, 400,
+         "holds no form fields"),
+    ])
+    def test_bad_input_gets_4xx_with_the_reason(self, server, mri_path, files, kwargs, status, message):
+        url, _ = server
+        if files == "truncated":
+            files = [("image", ("cut.jpg", mri_path.read_bytes()[:300], "image/jpeg"))]
+        elif files == "wrong field":
+            files = image_file(mri_path, field="file")
+        response = post(url, "/predict", files, **kwargs)
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+
+    def test_predict_batch_answers_each_file(self, server, mri_paths):
+        url, _ = server
+        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in mri_paths[:2]]
+        files.insert(1, ("images", ("broken.jpg", b"garbage", "image/jpeg")))
+        body = post(url, "/predict_batch", files).json()
+        assert body["count"] == 3 and body["failed"] == 1
+        good, bad, good2 = body["results"]
+        assert [r["index"] for r in body["results"]] == [0, 1, 2]
+        assert bad["status"] == 400 and "broken.jpg" in bad["error"] and "not an image" in bad["error"]
+        assert good["filename"] == mri_paths[0].name and good2["filename"] == mri_paths[1].name
+        assert good["predicted"] in CLASSES and good2["batch_size"] >= 2  # the two good files ran together
+        too_many = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in mri_paths[:MAX_IMAGES + 1]]
+        response = post(url, "/predict_batch", too_many)
+        assert response.status_code == 413 and f"at most {MAX_IMAGES}" in response.json()["error"]
+
+    def test_non_mri_is_flagged_ood(self, server):
+        url, _ = server
+        not_mri = (("photo.jpg", encode(colour_photo(), "JPEG")), ("blank.png", encode(np.zeros((96, 96), np.uint8))))
+        for name, data in not_mri:
+            body = post(url, "/predict", [("image", (name, data, "image/jpeg"))]).json()
+            assert body["ood"] is True and body["warning"].startswith("This image does not look like"), body
+        photo = post(url, "/predict", [("image", ("p.jpg", encode(colour_photo(), "JPEG"), "image/jpeg"))]).json()
+        assert any("colour image" in r for r in photo["ood_reasons"])
+
+    def test_concurrent_requests_are_batched(self, server, mri_paths):
+        url, _ = server
+        files = [image_file(p) for p in mri_paths[:8]]
+        sizes: list[int] = []
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(6):  # BentoML's dispatcher runs its first calls one by one while it learns timings
+                answers = list(pool.map(lambda f: post(url, "/predict", f), files))
+                assert all(a.status_code == 200 for a in answers)
+                sizes += [a.json()["batch_size"] for a in answers]
+                if max(sizes) > 1:
+                    break
+        assert max(sizes) > 1, f"no batching seen in {sizes}"
+        # BentoML's own histogram of requests per model call agrees: some calls served several requests.
+        counts = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                  for line in httpx.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'method_name="infer"' in line}
+        assert counts["+Inf"] > counts["1.0"], counts
+
+    def test_sustained_concurrent_load_answers_every_request(self, server, mri_paths):
+        # BentoML renews its client pool to the model service every 100 requests and drops the
+        # requests in flight on the old one; the service must retry them, not answer 500.
+        url, _ = server
+        files = [image_file(p) for p in mri_paths[:16]]
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda i: post(url, "/predict", files[i % 16]).status_code, range(128)))
+        assert statuses == [200] * 128, sorted(set(statuses))
+
+    def test_every_prediction_is_logged_without_the_image(self, server, mri_paths, trained_run):
+        url, home = server
+        log = PredictionLog(home / "btc_home" / "predictions.sqlite")
+        before = log.count()
+        for path in mri_paths[:2]:
+            assert post(url, "/predict", image_file(path)).status_code == 200
+        assert post(url, "/predict", [("image", ("x.jpg", b"nope", "image/jpeg"))]).status_code == 400
+        assert log.count() == before + 2  # the refused upload is not logged
+        rows = log.read().tail(2)
+        assert set(rows["model_version"]) == {trained_run.model_path.parent.name}
+        assert all(len(e) > 0 for e in rows["embedding"])
+        assert rows["mean"].notna().all() and rows["ts"].notna().all()
+        with sqlite3.connect(log.path) as con:
+            assert con.execute("SELECT COUNT(*) FROM predictions WHERE image IS NOT NULL").fetchone()[0] == 0
+
+
+@pytest.mark.slow  # ~40 s on two busy cores, most of it torch.export in log_training_run: run with -m slow
+@pytest.mark.integration
+def test_service_loads_the_registry_champion(trained_run, synth_split, tiny_config, monkeypatch):
+    """The model service's start-up with ``BTC_MODEL_URI=models:/btc-classifier@champion`` on a real MLflow store."""
+    from btc.config import load_config
+    from btc.tracking.registry import promote, register
+    from btc.tracking.run_logging import log_training_run
+
+    run_id = log_training_run(tiny_config, trained_run, synth_split, report=None)
+    version = register(run_id, "btc-classifier")
+    lenient = load_config(None, ["registry.gates.min_macro_f1=0", "registry.gates.max_ece=1",
+                                 "registry.gates.max_flip_change=1", "registry.gates.max_intensity_change=1",
+                                 "registry.gates.min_tumour_recall={glioma: 0, meningioma: 0, pituitary: 0}"])
+    assert promote("btc-classifier", lenient).promoted
+
+    monkeypatch.setenv("BTC_MODEL_URI", "models:/btc-classifier@champion")
+    from serving.service import ModelRunner
+
+    runner = ModelRunner.inner()  # the service class itself, run in this process without a server
+    card = runner.card()
+    assert card["model_name"] == "btc-classifier" and card["model_version"] == version
+    images = np.stack([np.asarray(Image.open(p).convert("L").resize((64, 64))) for p in
+                       synth_split.loc[synth_split["split"] == "test", "path"][:3]])
+    from_registry = runner.infer(images)
+    from_checkpoint = logic.model_outputs(Predictor.load(trained_run.model_path), images)
+    np.testing.assert_allclose([o["probabilities"] for o in from_registry],
+                               [o["probabilities"] for o in from_checkpoint], atol=1e-5)
