@@ -34,18 +34,8 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s train.epochs=5 (repeatable)")]
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _config(config: Path | None, overrides: list[str] | None):
-    from btc.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as err:
-        raise fail(str(err)) from None
+from btc.cli_common import config_or_fail as _config  # noqa: E402
+from btc.cli_common import fail  # noqa: E402
 
 
 @data_app.command("synth")

@@ -25,18 +25,8 @@ EXIT_DRIFT = 3
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
 
-def _error(message: str, code: int) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _load_config(config: Path | None, overrides: list[str] | None):
-    from btc.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as err:
-        raise _error(str(err), 2) from None
+from btc.cli_common import config_or_fail as _load_config  # noqa: E402
+from btc.cli_common import fail as _error  # noqa: E402
 
 
 def monitor_command(

@@ -22,18 +22,8 @@ import typer
 OBSERVED_WIDTH = 90
 
 
-def _error(message: str, code: int) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _load_config(config: Path | None, overrides: list[str] | None):
-    from btc.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as err:
-        raise _error(str(err), 2) from None
+from btc.cli_common import config_or_fail as _load_config  # noqa: E402
+from btc.cli_common import fail as _error  # noqa: E402
 
 
 def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) -> pd.DataFrame:

@@ -124,3 +124,12 @@ def test_manifest_roundtrip_and_digest(tmp_path, synth_root):
 def test_canonical_label_spellings():
     assert canonical_label("No_Tumor") == "notumor"
     assert canonical_label("pituitary-tumor") == "pituitary"
+
+
+def test_jpeg_cut_inside_its_header_is_unreadable_not_a_crash(tmp_path):
+    _write(tmp_path / "glioma" / "good.jpg")
+    (tmp_path / "glioma" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0junk")
+    m = build_manifest(tmp_path, progress=False)
+    bad = m.loc[~m["readable"]]
+    assert len(bad) == 1 and bad["path"].iloc[0].endswith("cut.jpg")
+    assert bad["error"].iloc[0]

@@ -1,0 +1,23 @@
+"""Helpers every CLI module shares: a red error line with an exit code, and loading the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` to stderr and return the Exit to raise."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def config_or_fail(config: Path | None, overrides: list[str] | None):
+    """The config from a YAML file and overrides, or exit 2 with the reason."""
+    from btc.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        raise fail(str(err)) from None
