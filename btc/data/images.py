@@ -118,7 +118,7 @@ def decode_gray(
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image: the bytes are not JPEG, PNG, DICOM or another known format") from None
     except (OSError, SyntaxError, ValueError) as err:  # e.g. a JPEG cut off inside its header
-        raise ImageDecodeError(f"corrupt image header: {err}") from None
+        raise ImageDecodeError(f"corrupt or truncated image header ({err})") from None
     info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
     if im.width * im.height > max_pixels:
         raise ImageDecodeError(
