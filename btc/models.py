@@ -1,8 +1,9 @@
 """Networks: a compact CNN designed for MRI slices, and torchvision backbones on one channel.
 
-Every model takes ``[B, 1, H, W]`` standardised slices and returns logits ``[B, 4]``. Each
-exposes ``features(x)`` (penultimate embedding, used by monitoring) and ``cam_layer`` (the
-last convolutional block, used by Grad-CAM).
+Every model takes ``[B, 1, H, W]`` standardised slices and returns logits ``[B, 4]``
+(``forward(x) == head(features(x))``). Each exposes ``features(x)`` (penultimate embedding,
+used by monitoring), ``head`` (embedding -> logits) and ``cam_layer`` (the last
+convolutional block, used by Grad-CAM).
 """
 
 from __future__ import annotations

@@ -114,6 +114,19 @@ class Predictor:
         x = preprocess(self.batch(images).to(self.device)).contiguous(memory_format=torch.channels_last)
         return self.model.features(x).float().cpu().numpy()
 
+    @torch.no_grad()
+    def proba_and_embed(self, images: Sequence[ImageLike], *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities ``[N, C]`` and embeddings ``[N, D]`` from one forward pass (what serving logs)."""
+        probs, embs = [], []
+        for i in range(0, len(images), batch_size):
+            x = preprocess(self.batch(images[i:i + batch_size]).to(self.device)).contiguous(memory_format=torch.channels_last)
+            features = self.model.features(x)
+            probs.append(torch.softmax(self.model.head(features).float() / self.spec.temperature, 1).cpu().numpy())
+            embs.append(features.float().cpu().numpy())
+        if not probs:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(probs), np.concatenate(embs)
+
     def explain(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, dict]:
         """Grad-CAM for one image: heatmap ``[S, S]`` in [0, 1], RGB overlay, and the prediction."""
         from btc.explain import gradcam, overlay

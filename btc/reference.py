@@ -95,8 +95,7 @@ def log_records(predictor, images: Sequence, *, ts: datetime | Sequence[datetime
     records = []
     for start in range(0, n, batch_size):
         grays = [grayscale(im) for im in images[start:start + batch_size]]
-        probs = predictor.predict_proba(grays, batch_size=batch_size)
-        embeddings = predictor.embed(grays)
+        probs, embeddings = predictor.proba_and_embed(grays, batch_size=batch_size)
         records += [prediction_record(predictor, gray, p, e, ts=stamps[start + i], ood=flags[start + i])
                     for i, (gray, p, e) in enumerate(zip(grays, probs, embeddings))]
     return records

@@ -145,8 +145,7 @@ def model_outputs(predictor, images: np.ndarray) -> list[dict]:
         Per image: ``probabilities`` (list, class order of the model), ``embedding`` (list)
         and ``batch_size``, the number of images the model ran together.
     """
-    probabilities = predictor.predict_proba(images)
-    embeddings = predictor.embed(images)
+    probabilities, embeddings = predictor.proba_and_embed(images)
     n = len(images)
     return [{"probabilities": p.tolist(), "embedding": e.tolist(), "batch_size": n}
             for p, e in zip(probabilities, embeddings)]

@@ -3,8 +3,8 @@
 1. generates demo data (synthetic MRI-like slices, 80 per class, 128 px) into ``demo/data``,
    once: a re-run re-uses it;
 2. runs the ``training-pipeline`` flow on it with ``flows/demo.yaml`` (small, fast, the real
-   promotion gates), on Prefect's ephemeral server, MLflow's SQLite store under ``.btc/`` and
-   a local BentoML home: nothing to start beforehand;
+   promotion gates), on Prefect's ephemeral server, with MLflow's SQLite store, the Prefect
+   home and the BentoML home all under ``.btc/``: nothing to start beforehand;
 3. starts the BentoML service on the champion (``bentoml serve`` on 127.0.0.1, a free port),
    waits for ``/readyz``, asks it about one test image per class and one file that is not
    an image (answered 400), then sends the other test images as traffic;
@@ -40,6 +40,9 @@ def quiet_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a first start can take 20-60 s
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The demo keeps its Prefect database and BentoML store under .btc/, away from the user's own homes.
+    os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".btc" / "prefect"))
+    os.environ.setdefault("BENTOML_HOME", str(REPO_ROOT / ".btc" / "bentoml"))
 
 
 def say(text: str) -> None:
@@ -140,7 +143,8 @@ def where_things_are(summary: dict, monitored: dict | None) -> None:
         ("prediction log (SQLite)", str(prediction_log_path())),
         ("drift report", (monitored or {}).get("html") or "(none this time)"),
         ("drift dashboard", f"evidently ui --workspace {default_workspace()}"),
-        ("Prefect flow runs and artifacts", "prefect server start   # the ephemeral server's database, at http://127.0.0.1:4200"),
+        ("Prefect flow runs and artifacts",
+         f"PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   # then http://127.0.0.1:4200"),
         ("serve the champion yourself", f"btc serve --model {MODEL_URI}"),
     ]
     width = max(len(k) for k, _ in lines)

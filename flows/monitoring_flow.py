@@ -21,8 +21,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows import tasks
-
-RETRAIN_DEPLOYMENT = "training-pipeline/retrain"
+from monitoring.actions import RETRAIN_DEPLOYMENT
 
 
 def retrain_deployment_available(deployment: str = RETRAIN_DEPLOYMENT) -> tuple[bool, str]:

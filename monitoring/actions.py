@@ -1,7 +1,7 @@
 """Acting on a drift verdict: alert, and start retraining through a trigger the caller supplies.
 
 The decision lives here; *how* retraining starts does not. The Prefect ``monitoring`` flow
-passes a trigger that runs the deployment ``training_pipeline/retrain``; tests pass one that
+passes a trigger that runs the deployment ``training-pipeline/retrain``; tests pass one that
 records the call; with no trigger the action is only logged (a dry run).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from monitoring.drift import DriftVerdict
 
 log = logging.getLogger(__name__)
-RETRAIN_DEPLOYMENT = "training_pipeline/retrain"
+RETRAIN_DEPLOYMENT = "training-pipeline/retrain"
 
 
 def act_on_drift(verdict: DriftVerdict, *, trigger: Callable[[DriftVerdict], object] | None = None,

@@ -53,6 +53,15 @@ def test_temperature_changes_confidence_not_ranking(predictor, synth_split):
         assert not np.allclose(raw, cal)
 
 
+def test_one_pass_probabilities_and_embeddings_equal_the_separate_calls(predictor, synth_split):
+    paths = list(synth_split.loc[synth_split["split"] == "test", "path"][:5])
+    probs, embeddings = predictor.proba_and_embed(paths, batch_size=2)  # batches of 2, 2 and 1
+    np.testing.assert_allclose(probs, predictor.predict_proba(paths), atol=1e-5)
+    np.testing.assert_allclose(embeddings, predictor.embed(paths), atol=1e-4)
+    empty_probs, _ = predictor.proba_and_embed([])
+    assert empty_probs.shape == (0, 4)
+
+
 def test_evaluation_matches_sklearn_and_writes_plots(predictor, synth_split, tmp_path, trained_run):
     rows = rows_to_evaluate(synth_split, "test")
     report = evaluation_artifacts(predictor, rows, tmp_path, history=trained_run.history, gradcam_per_class=2)
