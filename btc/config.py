@@ -45,7 +45,6 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     balance: Literal["weights", "sampler", "none"] = "weights"
     patience: int = Field(6, ge=1, description="epochs without a better validation macro-F1 before stopping")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights per step (0: off); the average is validated and saved")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = Field(True, description="mixed precision (float16 autocast + grad scaling) on CUDA")

@@ -56,13 +56,8 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     amp: bool = True,
-    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss, accuracy, images/s and seconds.
-
-    ``ema``, if given, is updated after every optimizer step (an exponential moving average
-    of the weights and BatchNorm statistics).
-    """
+    """One pass over ``batches``; returns mean loss, accuracy, images/s and seconds."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress)
@@ -82,8 +77,6 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
         n = len(y)
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
@@ -139,15 +132,12 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     amp: bool = True,
-    ema_decay: float = 0.0,
     on_epoch_end: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train with early stopping on validation macro-F1 (mixed precision on CUDA when ``amp``).
 
     Writes ``last.pt`` (everything needed to resume) after every epoch and ``best.pt`` (the
-    weights with the best validation macro-F1) whenever it improves. With ``ema_decay`` > 0
-    an exponential moving average of the weights is kept; it is what is validated and saved
-    as ``best.pt`` (averaged weights generalise better than the last step's).
+    weights with the best validation macro-F1) whenever it improves.
 
     Returns:
         One dict per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
@@ -158,18 +148,10 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
     history: list[dict] = []
     best, since_best, start_epoch = -1.0, 0, 1
-    ema = None
-    if ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-    evaluated = model if ema is None else ema.module
     last = checkpoint_dir / "last.pt"
     if resume and last.is_file():
         state = torch.load(last, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
@@ -181,19 +163,18 @@ def fit(
             break
         tr = train_one_epoch(model, train_batches, optimizer, device, loss_fn=loss_fn, augment=augment,
                              scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}",
-                             amp=amp, ema=ema)
-        va = evaluate_batches(evaluated, val_batches, device, loss_fn)
+                             amp=amp)
+        va = evaluate_batches(model, val_batches, device, loss_fn)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_f1": va["macro_f1"],
                "lr": optimizer.param_groups[0]["lr"], "images_per_s": tr["images_per_s"], "seconds": tr["seconds"]}
         history.append(row)
         if va["macro_f1"] > best:
             best, since_best = va["macro_f1"], 0
-            save_checkpoint(checkpoint_dir / "best.pt", model=evaluated.state_dict(), epoch=epoch, val_macro_f1=best)
+            save_checkpoint(checkpoint_dir / "best.pt", model=model.state_dict(), epoch=epoch, val_macro_f1=best)
         else:
             since_best += 1
-        save_checkpoint(last, model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                        optimizer=optimizer.state_dict(),
+        save_checkpoint(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler else None, history=history,
                         best=best, since_best=since_best, torch_rng=torch.get_rng_state())
         if progress:

@@ -76,14 +76,14 @@ def test_loss_falls_over_two_epochs(tmp_path):
     assert np.isfinite(last["loss"]) and last["images_per_s"] > 0
 
 
-def _fit(tmp_path, epochs, resume=False, seed=0, ema_decay=0.0):
+def _fit(tmp_path, epochs, resume=False, seed=0):
     torch.manual_seed(seed)
     x, y = _toy_batches()
     model = build_model(width=8)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     return fit(model, ArrayBatches(x, y, 16, shuffle=True, seed=seed), ArrayBatches(x[:32], y[:32], 32), opt,
                torch.device("cpu"), epochs=epochs, loss_fn=nn.CrossEntropyLoss(), augment=Augment(),
-               checkpoint_dir=tmp_path, patience=10, resume=resume, progress=False, ema_decay=ema_decay), model
+               checkpoint_dir=tmp_path, patience=10, resume=resume, progress=False), model
 
 
 def test_cpu_training_is_repeatable(tmp_path):
@@ -98,19 +98,6 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert [r["epoch"] for r in h2] == [1, 2, 3, 4]
     assert h2[:2] == h1
     assert (tmp_path / "best.pt").is_file()
-
-
-def test_weight_average_is_what_is_validated_saved_and_resumed(tmp_path):
-    h1, model = _fit(tmp_path, 2, ema_decay=0.9)
-    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
-    assert best.keys() == model.state_dict().keys()  # loads into a plain model
-    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.allclose(v, best[k])]
-    assert changed  # the averaged weights, not the last step's
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["ema"] is not None
-    h2, _ = _fit(tmp_path, 3, resume=True, ema_decay=0.9)
-    assert h2[:2] == h1 and len(h2) == 3
-    steps = len(_toy_batches()[1]) // 16  # 6 batches of 16 per epoch
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["ema"]["n_averaged"] == 3 * steps  # resumed, not restarted
 
 
 def test_early_stopping_stops(tmp_path):
