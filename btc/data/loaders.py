@@ -56,4 +56,4 @@ class DecodingDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(load_resized(self.paths[i], self.size)), int(self.labels[i])
+        return torch.from_numpy(np.array(load_resized(self.paths[i], self.size))), int(self.labels[i])  # writable copy
