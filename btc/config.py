@@ -45,6 +45,10 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     balance: Literal["weights", "sampler", "none"] = "weights"
     patience: int = Field(6, ge=1, description="epochs without a better validation macro-F1 before stopping")
+    min_epochs: int | None = Field(
+        None, ge=0,
+        description="no early stop before this epoch; default half of epochs (the one-cycle learning rate is still high)",
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = Field(True, description="mixed precision (float16 autocast + grad scaling) on CUDA")

@@ -129,12 +129,16 @@ def fit(
     checkpoint_dir: Path,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     patience: int = 5,
+    min_epochs: int = 0,
     resume: bool = False,
     progress: bool = True,
     amp: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train with early stopping on validation macro-F1 (mixed precision on CUDA when ``amp``).
+
+    Early stopping waits for ``min_epochs``: under a one-cycle schedule validation swings
+    while the learning rate is high, and the best epochs come as it anneals.
 
     Writes ``last.pt`` (everything needed to resume) after every epoch and ``best.pt`` (the
     weights with the best validation macro-F1) whenever it improves.
@@ -159,7 +163,7 @@ def fit(
         start_epoch = len(history) + 1
         torch.set_rng_state(state["torch_rng"])
     for epoch in range(start_epoch, epochs + 1):
-        if since_best >= patience:
+        if since_best >= patience and epoch > min_epochs:
             break
         tr = train_one_epoch(model, train_batches, optimizer, device, loss_fn=loss_fn, augment=augment,
                              scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}",

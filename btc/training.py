@@ -64,6 +64,11 @@ def augment_from(cfg: Config) -> Augment:
                    intensity_jitter=t.intensity_jitter, gamma_jitter=t.gamma_jitter)
 
 
+def min_epochs_of(cfg: Config) -> int:
+    """The epoch before which early stopping may not stop: ``train.min_epochs``, else half the epochs."""
+    return cfg.train.min_epochs if cfg.train.min_epochs is not None else cfg.train.epochs // 2
+
+
 def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
     rows = split[split["split"] == name].sort_values("path")
     if rows.empty:
@@ -110,7 +115,7 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
         label_smoothing=cfg.train.label_smoothing)
     history = fit(model, train_batches, val_batches, optimizer, device, epochs=cfg.train.epochs, loss_fn=loss_fn,
                   augment=augment_from(cfg), checkpoint_dir=out_dir, scheduler=scheduler,
-                  patience=cfg.train.patience, resume=resume, progress=progress, amp=cfg.train.amp)
+                  patience=cfg.train.patience, min_epochs=min_epochs_of(cfg), resume=resume, progress=progress, amp=cfg.train.amp)
 
     best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])

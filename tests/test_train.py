@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from btc.config import load_config
 from btc.data.loaders import ArrayBatches
 from btc.models import ARCHS, build_model
 from btc.train import fit, predict_logits, resolve_device, train_one_epoch
+from btc.training import min_epochs_of
 from btc.transforms import Augment, preprocess, train_transform
 
 
@@ -111,6 +113,15 @@ def test_early_stopping_stops(tmp_path):
     h = fit(model, ArrayBatches(x, y, 16), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=10,
             loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, patience=2, progress=False)
     assert len(h) == 3
+    h = fit(model, ArrayBatches(x, y, 16), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=10,
+            loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path / "min", patience=2,
+            min_epochs=6, progress=False)
+    assert len(h) == 6  # no stop while the one-cycle learning rate is high
+
+
+def test_min_epochs_defaults_to_half_the_schedule():
+    assert min_epochs_of(load_config(overrides=["train.epochs=30"])) == 15
+    assert min_epochs_of(load_config(overrides=["train.epochs=30", "train.min_epochs=3"])) == 3
 
 
 def test_train_model_writes_artifacts(trained_run):
