@@ -115,7 +115,8 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
         label_smoothing=cfg.train.label_smoothing)
     history = fit(model, train_batches, val_batches, optimizer, device, epochs=cfg.train.epochs, loss_fn=loss_fn,
                   augment=augment_from(cfg), checkpoint_dir=out_dir, scheduler=scheduler,
-                  patience=cfg.train.patience, min_epochs=min_epochs_of(cfg), resume=resume, progress=progress, amp=cfg.train.amp)
+                  patience=cfg.train.patience, min_epochs=min_epochs_of(cfg), resume=resume, progress=progress,
+                  amp=cfg.train.amp)
 
     best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])

@@ -102,7 +102,9 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert (tmp_path / "best.pt").is_file()
 
 
-def test_early_stopping_stops(tmp_path):
+@pytest.mark.parametrize(("min_epochs", "epochs_run"), [(0, 3), (6, 6)])
+def test_early_stopping_stops(tmp_path, min_epochs, epochs_run):
+    """Patience 2 stops after epoch 3, unless min_epochs holds it (as while the one-cycle rate is high)."""
     torch.manual_seed(0)
     x, y = _toy_batches()
     model = build_model(width=8)
@@ -111,12 +113,9 @@ def test_early_stopping_stops(tmp_path):
             m.momentum = 0.0
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     h = fit(model, ArrayBatches(x, y, 16), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=10,
-            loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, patience=2, progress=False)
-    assert len(h) == 3
-    h = fit(model, ArrayBatches(x, y, 16), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=10,
-            loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path / "min", patience=2,
-            min_epochs=6, progress=False)
-    assert len(h) == 6  # no stop while the one-cycle learning rate is high
+            loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, patience=2,
+            min_epochs=min_epochs, progress=False)
+    assert len(h) == epochs_run
 
 
 def test_min_epochs_defaults_to_half_the_schedule():
