@@ -36,6 +36,7 @@ repeated; one bad file gets its own error entry, the others are still answered),
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -58,6 +59,7 @@ from btc.serving_guard import RequestGuard
 MAX_BATCH_SIZE = 32
 MAX_LATENCY_MS = 10_000
 MODEL_CALL_ATTEMPTS = 3
+MODEL_CALL_TIMEOUT_S = MAX_LATENCY_MS / 1000 + 20  # a batched call waits at most MAX_LATENCY_MS: longer means it hung
 UPLOAD_FIELDS = {"/predict": "image", "/predict_batch": "images", "/explain": "image"}
 SETTINGS = logic.settings_from_env()
 log = logging.getLogger("btc.serving")
@@ -117,16 +119,18 @@ class BrainTumorClassifier:
         self._in_flight = 0  # requests of this worker waiting for the model
 
     async def _call_model(self, endpoint: str, *args):
-        """Call the model service, retrying a dropped connection (every model endpoint is a pure function).
+        """Call the model service, retrying a dropped or hung call (every model endpoint is a pure function).
 
         BentoML 1.4's client to a dependency renews its connection pool every 100 requests and
         closes the old pool with requests still in flight on it; under concurrent load those
-        requests fail with ``ServerDisconnectedError`` (see BentoML issue #4971; PR #5698 adds a similar retry).
+        requests fail with ``ServerDisconnectedError`` (see BentoML issue #4971; PR #5698 adds a similar retry),
+        and now and then one never answers: each attempt gets :data:`MODEL_CALL_TIMEOUT_S`.
         """
         for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
             try:
-                return await getattr(self.model.to_async, endpoint)(*args)
-            except aiohttp.ClientConnectionError as err:
+                async with asyncio.timeout(MODEL_CALL_TIMEOUT_S):
+                    return await getattr(self.model.to_async, endpoint)(*args)
+            except (aiohttp.ClientConnectionError, TimeoutError) as err:
                 if attempt == MODEL_CALL_ATTEMPTS:
                     raise
                 log.warning("model service call %s failed (%s: %s); retrying", endpoint, type(err).__name__, err)
