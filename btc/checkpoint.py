@@ -1,7 +1,7 @@
 """The trained-model file: weights plus everything needed to use them (no pickled code).
 
 ``model.pt`` holds only tensors and plain values, so it loads with ``weights_only=True``:
-architecture and width, class order, input size, preprocessing name and the temperature
+architecture, width and depth, class order, input size, preprocessing name and the temperature
 fitted on validation.
 """
 
@@ -25,6 +25,7 @@ class ModelSpec:
 
     arch: str = "compact_cnn"
     width: int = 32
+    depth: int = 1
     dropout: float = 0.2
     image_size: int = 128
     classes: tuple[str, ...] = CLASSES
@@ -33,7 +34,8 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        return build_model(self.arch, num_classes=len(self.classes), width=self.width, dropout=self.dropout)
+        return build_model(self.arch, num_classes=len(self.classes), width=self.width, depth=self.depth,
+                           dropout=self.dropout)
 
 
 def save_model(path: Path, model: nn.Module, spec: ModelSpec) -> Path:

@@ -32,6 +32,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     arch: Literal["compact_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small"] = "compact_cnn"
     width: int = Field(32, ge=8, le=256, description="base channel count of compact_cnn")
+    depth: int = Field(1, ge=1, le=4, description="residual blocks per stage of compact_cnn")
     dropout: float = Field(0.2, ge=0, lt=1)
     pretrained: bool = Field(False, description="torchvision ImageNet weights (needs the internet)")
     init_weights: Path | None = Field(None, description="offline weights: a state_dict .pt file")

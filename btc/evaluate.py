@@ -1,7 +1,11 @@
 """Evaluating a model on a set of images: metrics (raw and clean subset), calibration, plots.
 
 The clean subset drops test images that have a near duplicate in training
-(``near_dup_in_train``), so leakage cannot flatter the number that matters.
+(``near_dup_in_train``), so leakage cannot flatter the number that matters. Where the split
+gives each test image its distance to the nearest training image (``train_distance``),
+accuracy is also reported per distance band: a perceptual hash cannot tell every adjacent
+slice of one patient from another patient's slice, so this shows how much of the accuracy
+comes from images close to ones the model was trained on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from btc.data.cache import decode_all
 from btc.labels import CLASSES
 from btc.metrics import classification_metrics, expected_calibration_error, softmax
 from btc.predict import Predictor
+
+#: Bands of ``train_distance`` (bits of the 256-bit pHash) for the accuracy-by-distance table.
+TRAIN_DISTANCE_BANDS = ((0, 40), (41, 48), (49, 56), (57, 64), (65, 256))
 
 
 def rows_to_evaluate(table: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
@@ -65,12 +72,26 @@ def evaluate_predictor(predictor: Predictor, rows: pd.DataFrame, *, n_bins: int 
     clean = ~rows["near_dup_in_train"].to_numpy(bool) if "near_dup_in_train" in rows else np.ones(len(rows), bool)
     report["clean"] = _metrics(probs_raw[clean], y[clean], t, n_bins) if clean.any() else None
     report["n_near_duplicates_of_train"] = int((~clean).sum())
+    if "train_distance" in rows:
+        correct = probs_raw.argmax(1) == y
+        report["by_train_distance"] = accuracy_by_band(rows["train_distance"], correct)
     calibrated = softmax(np.log(np.clip(probs_raw, 1e-12, 1)), t)
     report["predictions"] = [
         {"path": p, "label": lab, "predicted": CLASSES[int(q.argmax())], "probabilities": [float(v) for v in q]}
         for p, lab, q in zip(rows["path"], rows["label"], calibrated)
     ]
     return report
+
+
+def accuracy_by_band(distance: pd.Series, correct: np.ndarray, bands=TRAIN_DISTANCE_BANDS) -> list[dict]:
+    """Accuracy of the images whose ``distance`` lies in each band (empty bands and missing distances left out)."""
+    d = pd.to_numeric(distance, errors="coerce").to_numpy(dtype=float)
+    out = []
+    for lo, hi in bands:
+        inside = (d >= lo) & (d <= hi)
+        if inside.any():
+            out.append({"bits": f"{lo}-{hi}", "n_images": int(inside.sum()), "accuracy": float(correct[inside].mean())})
+    return out
 
 
 def write_report(report: dict, path: Path) -> Path:
@@ -87,6 +108,9 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("clean") and report["n_near_duplicates_of_train"]:
         c = report["clean"]
         lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
+    if report.get("by_train_distance"):
+        bands = "  ".join(f"{b['bits']}: {b['accuracy']:.3f} (n={b['n_images']})" for b in report["by_train_distance"])
+        lines.append(f"accuracy by bits to the nearest training image  {bands}")
     for cls, m in report["per_class"].items():
         lines.append(f"  {cls:<11} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  n={m['support']}")
     return lines

@@ -44,19 +44,18 @@ class CompactMRINet(nn.Module):
 
     A strided stem brings a 128 px slice to 64 px at once (MRI slices carry little detail at
     the pixel level), then four residual stages of widths w, 2w, 4w, 8w halve the resolution
-    each time; global average pooling and dropout feed the classifier.
+    each time, each of ``depth`` blocks; global average pooling and dropout feed the classifier.
     """
 
-    def __init__(self, num_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.2, in_channels: int = 1):
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.2, in_channels: int = 1,
+                 depth: int = 1):
         super().__init__()
         w = width
         self.stem = nn.Sequential(_conv_bn(in_channels, w // 2, 2), _conv_bn(w // 2, w))
-        self.stages = nn.Sequential(
-            ResidualBlock(w, w, 2),
-            ResidualBlock(w, 2 * w, 2),
-            ResidualBlock(2 * w, 4 * w, 2),
-            ResidualBlock(4 * w, 8 * w, 2),
-        )
+        blocks = []
+        for cin, cout in ((w, w), (w, 2 * w), (2 * w, 4 * w), (4 * w, 8 * w)):
+            blocks += [ResidualBlock(cin, cout, 2)] + [ResidualBlock(cout, cout) for _ in range(depth - 1)]
+        self.stages = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8 * w, num_classes))
         for m in self.modules():
@@ -127,6 +126,7 @@ def build_model(
     *,
     num_classes: int = len(CLASSES),
     width: int = 32,
+    depth: int = 1,
     dropout: float = 0.2,
     pretrained: bool = False,
     init_weights: Path | None = None,
@@ -137,6 +137,7 @@ def build_model(
         arch: one of :data:`ARCHS`.
         num_classes: output classes.
         width: base width of ``compact_cnn``.
+        depth: residual blocks per stage of ``compact_cnn``.
         dropout: dropout before the classifier.
         pretrained: torchvision ImageNet weights (needs the internet).
         init_weights: a state_dict file to start from (offline weights). 3-channel first
@@ -145,7 +146,7 @@ def build_model(
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
     if arch == "compact_cnn":
-        model: nn.Module = CompactMRINet(num_classes, width, dropout)
+        model: nn.Module = CompactMRINet(num_classes, width, dropout, depth=depth)
     else:
         model = TorchvisionClassifier(arch, num_classes, dropout, pretrained)
     if init_weights is not None:

@@ -106,7 +106,8 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     val_batches = ArrayBatches(x_val, y_val, 2 * bs)
 
     m = cfg.model
-    model = build_model(m.arch, width=m.width, dropout=m.dropout, pretrained=m.pretrained, init_weights=m.init_weights)
+    model = build_model(m.arch, width=m.width, depth=m.depth, dropout=m.dropout, pretrained=m.pretrained,
+                        init_weights=m.init_weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * len(train_batches), pct_start=0.2)
@@ -122,7 +123,7 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     model.load_state_dict(best["model"])
     val_logits, val_labels = predict_logits(model, val_batches, device)
     temperature = fit_temperature(val_logits, val_labels)
-    spec = ModelSpec(arch=m.arch, width=m.width, dropout=m.dropout, image_size=cfg.data.image_size,
+    spec = ModelSpec(arch=m.arch, width=m.width, depth=m.depth, dropout=m.dropout, image_size=cfg.data.image_size,
                      temperature=temperature, extra={"best_epoch": int(best["epoch"]), "val_macro_f1": float(best["val_macro_f1"])})
     model_path = save_model(out_dir / "model.pt", model, spec)
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))

@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
 from btc.checkpoint import load_model
-from btc.evaluate import evaluate_predictor, rows_to_evaluate
+from btc.evaluate import evaluate_predictor, rows_to_evaluate, summary_lines
 from btc.explain import gradcam, overlay, pointing_game
 from btc.explain_eval import pointing_game_on_folder
 from btc.labels import CLASSES
@@ -84,6 +84,21 @@ def test_clean_subset_excludes_near_duplicates(predictor, synth_split):
     report = evaluate_predictor(predictor, rows)
     assert report["clean"]["n_images"] == report["n_images"] - 3
     assert report["n_near_duplicates_of_train"] == 3
+
+
+def test_accuracy_by_distance_to_training(predictor, synth_split):
+    rows = rows_to_evaluate(synth_split, "test").copy()
+    rows["train_distance"] = [10, 45, 45, 60] * (len(rows) // 4) + [100] * (len(rows) % 4)
+    report = evaluate_predictor(predictor, rows)
+    bands = {b["bits"]: b for b in report["by_train_distance"]}
+    assert sum(b["n_images"] for b in bands.values()) == len(rows)
+    correct = np.array([p["predicted"] == p["label"] for p in report["predictions"]])
+    for bits, (lo, hi) in zip(("0-40", "41-48", "57-64"), ((10, 10), (45, 45), (60, 60))):
+        inside = rows["train_distance"].between(lo, hi).to_numpy()
+        assert bands[bits]["n_images"] == inside.sum()
+        assert bands[bits]["accuracy"] == pytest.approx(correct[inside].mean())
+    assert "49-56" not in bands
+    assert any(line.startswith("accuracy by bits to the nearest training image") for line in summary_lines(report))
 
 
 def test_rows_to_evaluate_errors(synth_split):

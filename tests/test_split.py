@@ -26,6 +26,16 @@ def test_no_image_or_near_duplicate_across_splits(synth_split):
         assert min(dists) > 40
 
 
+def test_train_distance_is_the_nearest_train_or_val_image(synth_split):
+    seen = synth_split[synth_split["split"].isin(["train", "val"])]
+    test = synth_split[synth_split["split"] == "test"]
+    for _, row in test.iterrows():
+        nearest = min(_hamming(row["phash"], other) for other in seen["phash"])
+        assert row["train_distance"] == nearest
+        assert row["near_dup_in_train"] == (nearest <= 40)
+    assert synth_split.loc[synth_split["split"] != "test", "train_distance"].isna().all()
+
+
 def test_kaggle_test_folder_is_kept(synth_split):
     test = synth_split[synth_split["split"] == "test"]
     assert (test["source_split"] == "test").all()

@@ -167,7 +167,10 @@ def test_logged_model_is_exported_graph_with_signature_and_card(embedded, tmp_pa
     assert card["metrics"]["macro_f1"] == pytest.approx(embedded.report["macro_f1"])
     assert embedded.report["n_images"] == card["metrics"]["n_images"]
     assert card["training_data"]["digest"] in card["metrics"]["test_set"]
-    assert "# Model card" in (local / "extra_files" / "model_card.md").read_text()
+    bands = card["metrics"]["by_train_distance"]
+    assert bands == embedded.report["by_train_distance"] and sum(b["n_images"] for b in bands) == card["metrics"]["n_images"]
+    markdown = (local / "extra_files" / "model_card.md").read_text()
+    assert "# Model card" in markdown and "accuracy by bits (256-bit pHash) to the nearest training image" in markdown
 
 
 def test_exported_model_equals_in_memory_model_for_any_batch(embedded):

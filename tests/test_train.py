@@ -26,6 +26,19 @@ def test_models_forward_one_channel(arch):
     assert model.features(x).ndim == 2
 
 
+def test_compact_cnn_depth_adds_blocks_and_survives_save_and_load(tmp_path):
+    from btc.checkpoint import ModelSpec, load_model, save_model
+
+    shallow, deep = build_model(width=8), build_model(width=8, depth=2)
+    assert (len(shallow.stages), len(deep.stages)) == (4, 8)
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in shallow.parameters())
+    deep.eval()
+    save_model(tmp_path / "model.pt", deep, ModelSpec(width=8, depth=2))
+    loaded, spec = load_model(tmp_path / "model.pt")
+    x = torch.randn(3, 1, 64, 64)
+    assert spec.depth == 2 and torch.allclose(loaded(x), deep(x))
+
+
 def test_unknown_arch_and_missing_weights():
     with pytest.raises(ValueError, match="unknown architecture 'vgg99'; expected one of compact_cnn"):
         build_model("vgg99")

@@ -12,10 +12,13 @@ Here:
    the cluster's majority class, so every split is stratified by class;
 5. where the data came with its own Testing folder, that split is kept as the test set and
    test images with a near duplicate in train or validation are flagged
-   (``near_dup_in_train``) so evaluation can report the clean subset separately.
+   (``near_dup_in_train``) so evaluation can report the clean subset separately;
+6. every test image gets ``train_distance``, the bits to its nearest train or validation
+   image, so evaluation can show how accuracy depends on closeness to training.
 
 The threshold of 40 bits (of 256) was chosen on the real data: it groups re-encodings and
-adjacent slices while the largest cluster stays at 22 images (see the README).
+adjacent slices while the largest cluster stays at 18 images; above it, links start to chain
+different patients together (``benchmarks/split_threshold.py`` and the README).
 """
 
 from __future__ import annotations
@@ -30,15 +33,36 @@ from btc.data.manifest import phash_words
 SPLITS = ("train", "val", "test")
 
 
-def pairs_within(words: np.ndarray, other: np.ndarray, max_distance: int, chunk: int = 512):
-    """Yield (i, j) index arrays of rows of ``words`` and ``other`` within ``max_distance`` bits."""
+def _distance_blocks(words: np.ndarray, other: np.ndarray, chunk: int = 512):
+    """Yield (start, Hamming distances ``[chunk, len(other)]``) for blocks of rows of ``words``."""
     for start in range(0, len(words), chunk):
         block = words[start:start + chunk]
         dist = np.zeros((len(block), len(other)), dtype=np.int32)
         for w in range(words.shape[1]):
             dist += np.bitwise_count(block[:, None, w] ^ other[None, :, w])
+        yield start, dist
+
+
+def pairs_within(words: np.ndarray, other: np.ndarray, max_distance: int, chunk: int = 512):
+    """Yield (i, j) index arrays of rows of ``words`` and ``other`` within ``max_distance`` bits."""
+    for start, dist in _distance_blocks(words, other, chunk):
         i, j = np.nonzero(dist <= max_distance)
         yield i + start, j
+
+
+def nearest(words: np.ndarray, other: np.ndarray, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``words``: the index of and the distance in bits to the nearest row of ``other``.
+
+    ``exclude_self``: ``words`` and ``other`` are the same rows; an image is not its own neighbour.
+    """
+    index, distance = [], []
+    for start, dist in _distance_blocks(words, other):
+        if exclude_self:
+            rows = np.arange(len(dist))
+            dist[rows, rows + start] = np.iinfo(dist.dtype).max
+        index.append(dist.argmin(1))
+        distance.append(dist.min(1))
+    return np.concatenate(index), np.concatenate(distance)
 
 
 def near_duplicate_clusters(phashes: pd.Series, max_distance: int) -> np.ndarray:
@@ -82,7 +106,7 @@ def split_without_leakage(
     near_duplicate_distance: int = 40,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Add ``split``, ``cluster``, ``excluded_reason`` and ``near_dup_in_train`` to a manifest.
+    """Add ``split``, ``cluster``, ``excluded_reason``, ``near_dup_in_train`` and ``train_distance`` to a manifest.
 
     Args:
         manifest: rows from :func:`btc.data.manifest.build_manifest`.
@@ -103,6 +127,7 @@ def split_without_leakage(
     df["excluded_reason"] = np.where(df["readable"], "", "unreadable: " + df["error"].astype(str))
     df["cluster"] = -1
     df["near_dup_in_train"] = False
+    df["train_distance"] = pd.array([pd.NA] * len(df), dtype="Int64")
 
     usable = df["readable"].to_numpy().copy()
     first_of_sha = df[usable].drop_duplicates("sha256")
@@ -131,15 +156,14 @@ def split_without_leakage(
 
 
 def _flag_test_near_duplicates(df: pd.DataFrame, max_distance: int) -> None:
+    """``train_distance``: bits from each test image to the nearest train/val image; a near duplicate at or under ``max_distance``."""
     test = df.index[df["split"] == "test"]
     seen = df.index[df["split"].isin(["train", "val"])]
     if len(test) == 0 or len(seen) == 0:
         return
-    test_words, seen_words = phash_words(df.loc[test, "phash"]), phash_words(df.loc[seen, "phash"])
-    hits = np.zeros(len(test), dtype=bool)
-    for i, _ in pairs_within(test_words, seen_words, max_distance):
-        hits[i] = True
-    df.loc[test, "near_dup_in_train"] = hits
+    _, distance = nearest(phash_words(df.loc[test, "phash"]), phash_words(df.loc[seen, "phash"]))
+    df.loc[test, "train_distance"] = distance
+    df.loc[test, "near_dup_in_train"] = distance <= max_distance
 
 
 def split_summary(split: pd.DataFrame) -> pd.DataFrame:

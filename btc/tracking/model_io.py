@@ -55,6 +55,8 @@ LIMITATIONS = [
     "Trained on 2D slices; says nothing about the other slices of a study.",
     "Four classes only: any other finding is forced into one of them; low-confidence outputs need extra scrutiny.",
     "Metrics come from one test set; performance on other scanners and populations is unknown until measured.",
+    "No patient ids: the test split excludes near copies of training images as far as a perceptual hash can tell, "
+    "not every slice of every training patient; accuracy by distance to the nearest training image shows the effect.",
 ]
 NORMALISATION = "x / 255, then per-image standardisation: (x - mean) / (std + 1e-3)"
 
@@ -108,13 +110,14 @@ def build_model_card(spec: ModelSpec, *, model_name: str, report: dict | None, t
             "recall": {c: v["recall"] for c, v in report["per_class"].items()},
             "precision": {c: v["precision"] for c, v in report["per_class"].items()},
             "clean": {k: clean.get(k) for k in ("n_images", "accuracy", "macro_f1", "ece")} if clean else None,
+            "by_train_distance": report.get("by_train_distance"),
         }
     return {
         "model_name": model_name,
         "task": "classify one brain MRI slice as glioma, meningioma, notumor or pituitary",
         "input": preprocessing_metadata(spec)["input"] | {"normalisation": NORMALISATION},
         "classes": list(spec.classes),
-        "architecture": {"arch": spec.arch, "width": spec.width, "dropout": spec.dropout},
+        "architecture": {"arch": spec.arch, "width": spec.width, "depth": spec.depth, "dropout": spec.dropout},
         "calibration": {"temperature": float(spec.temperature), "fitted_on": "validation split"},
         "training_data": training_data,
         "metrics": metrics,
@@ -139,6 +142,9 @@ def model_card_markdown(card: dict) -> str:
                   "- recall: " + ", ".join(f"{c} {v:.3f}" for c, v in m["recall"].items())]
         if m.get("clean"):
             lines.append(f"- clean subset: macro-F1 {m['clean']['macro_f1']:.4f} on {m['clean']['n_images']} images")
+        if m.get("by_train_distance"):
+            lines.append("- accuracy by bits (256-bit pHash) to the nearest training image: " + ", ".join(
+                f"{b['bits']}: {b['accuracy']:.3f} (n={b['n_images']})" for b in m["by_train_distance"]))
     lines += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
     return "\n".join(lines) + "\n"
 
@@ -170,7 +176,8 @@ def log_model(predictor: Predictor, *, card: dict, example: np.ndarray | None = 
         metadata = {
             "btc_format": "btc-model/1",
             **preprocessing_metadata(spec),
-            "checkpoint": {"path": CHECKPOINT, "sha256": _sha256(checkpoint), "arch": spec.arch, "width": spec.width},
+            "checkpoint": {"path": CHECKPOINT, "sha256": _sha256(checkpoint), "arch": spec.arch, "width": spec.width,
+                           "depth": spec.depth},
             "model_name": card.get("model_name"),
             "intended_use": INTENDED_USE,
         }
