@@ -132,7 +132,7 @@ class Predictor:
         from btc.explain import gradcam, overlay
 
         arr = self.to_array(image)
-        heat, _ = gradcam(self.model, torch.from_numpy(arr[None]))
+        heat, _ = gradcam(self.model, torch.from_numpy(arr[None].copy()))  # a decoded image may be read-only
         return heat[0], overlay(arr, heat[0]), self.predict([arr])[0]
 
     def inference_module(self) -> InferenceModule:
