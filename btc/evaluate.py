@@ -94,6 +94,11 @@ def accuracy_by_band(distance: pd.Series, correct: np.ndarray, bands=TRAIN_DISTA
     return out
 
 
+def format_bands(bands: list[dict]) -> str:
+    """``41-48: 0.989 (n=175), ...``: the accuracy-by-distance table on one line."""
+    return ", ".join(f"{b['bits']}: {b['accuracy']:.3f} (n={b['n_images']})" for b in bands)
+
+
 def write_report(report: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +114,7 @@ def summary_lines(report: dict) -> list[str]:
         c = report["clean"]
         lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
     if report.get("by_train_distance"):
-        bands = "  ".join(f"{b['bits']}: {b['accuracy']:.3f} (n={b['n_images']})" for b in report["by_train_distance"])
-        lines.append(f"accuracy by bits to the nearest training image  {bands}")
+        lines.append(f"accuracy by bits to the nearest training image  {format_bands(report['by_train_distance'])}")
     for cls, m in report["per_class"].items():
         lines.append(f"  {cls:<11} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  n={m['support']}")
     return lines

@@ -151,11 +151,11 @@ def split_without_leakage(
         df.loc[usable, "split"] = _assign_clusters(
             df[usable], {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed
         )
-    _flag_test_near_duplicates(df, near_duplicate_distance)
+    _distances_to_training(df, near_duplicate_distance)
     return df
 
 
-def _flag_test_near_duplicates(df: pd.DataFrame, max_distance: int) -> None:
+def _distances_to_training(df: pd.DataFrame, max_distance: int) -> None:
     """``train_distance``: bits from each test image to the nearest train/val image; a near duplicate at or under ``max_distance``."""
     test = df.index[df["split"] == "test"]
     seen = df.index[df["split"].isin(["train", "val"])]

@@ -43,6 +43,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.types.schema import Schema, TensorSpec
 
 from btc.checkpoint import ModelSpec, save_model
+from btc.evaluate import format_bands
 from btc.predict import InferenceModule, Predictor
 from btc.tracking import store
 
@@ -143,8 +144,8 @@ def model_card_markdown(card: dict) -> str:
         if m.get("clean"):
             lines.append(f"- clean subset: macro-F1 {m['clean']['macro_f1']:.4f} on {m['clean']['n_images']} images")
         if m.get("by_train_distance"):
-            lines.append("- accuracy by bits (256-bit pHash) to the nearest training image: " + ", ".join(
-                f"{b['bits']}: {b['accuracy']:.3f} (n={b['n_images']})" for b in m["by_train_distance"]))
+            lines.append("- accuracy by bits (256-bit pHash) to the nearest training image: "
+                         + format_bands(m["by_train_distance"]))
     lines += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
     return "\n".join(lines) + "\n"
 
