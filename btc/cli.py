@@ -130,7 +130,7 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="run folder; default <output_dir>/<timestamp>")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="compact_cnn, resnet18, resnet34, efficientnet_b0, mobilenet_v3_small")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="compact_cnn, plain_cnn, resnet18, resnet34, efficientnet_b0, mobilenet_v3_small")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="maximum epochs")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="torchvision ImageNet weights (internet)")] = False,
     init_weights: Annotated[Optional[Path], typer.Option(help="offline weights (state_dict .pt)")] = None,

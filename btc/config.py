@@ -30,7 +30,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["compact_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small"] = "compact_cnn"
+    arch: Literal["compact_cnn", "plain_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small"] = "compact_cnn"
     width: int = Field(32, ge=8, le=256, description="base channel count of compact_cnn")
     depth: int = Field(1, ge=1, le=4, description="residual blocks per stage of compact_cnn")
     dropout: float = Field(0.2, ge=0, lt=1)

@@ -18,12 +18,16 @@ from btc.transforms import Augment, preprocess, train_transform
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_models_forward_one_channel(arch):
+def test_models_forward_one_channel_and_explain(arch):
+    from btc.explain import gradcam
+
     model = build_model(arch, width=8).eval()
     x = torch.randn(2, 1, 64, 64)
     out = model(x)
     assert out.shape == (2, 4) and torch.isfinite(out).all()
-    assert model.features(x).ndim == 2
+    assert torch.allclose(model.head(model.features(x)), out) and model.features(x).ndim == 2
+    heat, pred = gradcam(model, torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8))
+    assert heat.shape == (2, 64, 64) and np.isfinite(heat).all() and pred.shape == (2,)
 
 
 def test_compact_cnn_depth_adds_blocks_and_survives_save_and_load(tmp_path):
