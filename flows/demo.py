@@ -1,6 +1,6 @@
 """The README's main job: ``python -m flows.demo`` (``make demo``), the whole lifecycle on one machine.
 
-1. generates demo data (synthetic MRI-like slices, 80 per class, 128 px) into ``demo/data``,
+1. generates demo data (synthetic MRI-like slices, 200 per class, 128 px) into ``demo/data``,
    once: a re-run re-uses it;
 2. runs the ``training-pipeline`` flow on it with ``flows/demo.yaml`` (small, fast, the real
    promotion gates), on Prefect's ephemeral server, with MLflow's SQLite store, the Prefect
@@ -23,14 +23,13 @@ import os
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "demo"
 DATA_DIR = DEMO_DIR / "data"
 CONFIG = REPO_ROOT / "flows" / "demo.yaml"
-PER_CLASS, SIZE, SEED = 80, 128, 0
+PER_CLASS, SIZE, SEED = 200, 128, 0
 MODEL_URI = "models:/btc-classifier@champion"
 BATCH = 16
 
@@ -43,6 +42,8 @@ def quiet_defaults() -> None:
     # The demo keeps its Prefect database and BentoML store under .btc/, away from the user's own homes.
     os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".btc" / "prefect"))
     os.environ.setdefault("BENTOML_HOME", str(REPO_ROOT / ".btc" / "bentoml"))
+    for home in ("PREFECT_HOME", "BENTOML_HOME"):  # Prefect makes its home without parents: on a fresh clone it fails
+        Path(os.environ[home]).mkdir(parents=True, exist_ok=True)
 
 
 def say(text: str) -> None:
@@ -154,8 +155,6 @@ def where_things_are(summary: dict, monitored: dict | None) -> None:
 
 def main() -> int:
     quiet_defaults()
-    # Prefect's parameter model warns that the flow parameter `register` shadows a pydantic attribute; harmless.
-    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
     os.chdir(REPO_ROOT)  # .btc/ and demo/ are relative to the repository, wherever this is started from
     started = time.monotonic()
     from flows.monitoring_flow import monitoring

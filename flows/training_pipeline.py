@@ -133,19 +133,19 @@ def _mlflow_run_url(run_id: str) -> str:
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(data_dir: str, config_path: str | None = None, overrides: list[str] | None = None,
-                      register: bool = True, build_bento: bool = False) -> dict:
+                      register_model: bool = True, build_bento: bool = False) -> dict:
     """Validate, train, evaluate, track, register, gate and (if promoted) deploy a model.
 
     Args:
         data_dir: dataset folder (Kaggle layout ``Training/`` + ``Testing/``, or class folders).
         config_path: YAML config; None: the defaults.
         overrides: ``section.key=value`` settings applied over the config.
-        register: register the MLflow run's model and run the promotion gates.
+        register_model: register the MLflow run's model and run the promotion gates.
         build_bento: also ``bentoml build`` the service when the model is promoted.
 
     Returns:
         ``run_dir, run_id, version, promoted, decision, metrics, paths`` (``version`` and
-        ``promoted`` are None/False when ``register`` is False).
+        ``promoted`` are None/False when ``register_model`` is False).
     """
     from btc.config import load_config
     from btc.evaluate import rows_to_evaluate
@@ -166,6 +166,6 @@ def training_pipeline(data_dir: str, config_path: str | None = None, overrides: 
     with step("log-to-mlflow"):
         run_id = tasks.log_run(cfg, result, split, report, run_dir / "evaluation")
 
-    version, promotion, paths = _register_and_gate(cfg, run_id, split, build_bento) if register else (None, None, {})
+    version, promotion, paths = _register_and_gate(cfg, run_id, split, build_bento) if register_model else (None, None, {})
     with step("publish-summary"):
         return _publish_summary(run_dir, result, report, run_id, version, promotion, paths)

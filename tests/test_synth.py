@@ -103,6 +103,33 @@ def test_an_image_does_not_depend_on_how_many_others_are_drawn(tmp_path):
     assert few == {k: many[k] for k in few}
 
 
+def _test_distances_to_training(root: Path) -> dict[str, int]:
+    from btc.data.manifest import build_manifest, phash_words
+    from btc.data.split import nearest
+
+    m = build_manifest(root, progress=False)
+    train, test = m[m["source_split"] == "train"], m[m["source_split"] == "test"]
+    _, distance = nearest(phash_words(test["phash"]), phash_words(train["phash"]))
+    return dict(zip(test["path"].map(lambda p: Path(p).relative_to(root).as_posix()), distance.tolist()))
+
+
+def test_a_test_image_too_close_to_training_is_redrawn_and_nothing_else_changes(tmp_path):
+    # 70 bits is far above the default 40 so that these few small images collide at all.
+    as_drawn = generate_synthetic_dataset(tmp_path / "a", per_class=20, size=96, near_duplicate_distance=None)
+    redrawn = generate_synthetic_dataset(tmp_path / "b", per_class=20, size=96, near_duplicate_distance=70)
+    before, after = _test_distances_to_training(as_drawn), _test_distances_to_training(redrawn)
+    close = {path for path, d in before.items() if d <= 70}
+    assert close and min(after.values()) > 70
+    a, b = _digests(as_drawn), _digests(redrawn)
+    assert {p for p in a if a[p] != b[p]} == close  # training and the far test images are byte-identical
+    assert (as_drawn / "lesions.csv").read_text().count("\n") == (redrawn / "lesions.csv").read_text().count("\n")
+
+
+def test_an_unreachable_distance_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"more than 256 bits from every training image after 20 redraws"):
+        generate_synthetic_dataset(tmp_path, per_class=3, size=64, near_duplicate_distance=256)
+
+
 def test_mean_and_std_do_not_reveal_the_class(tmp_path):
     root = generate_synthetic_dataset(tmp_path, per_class=40, seed=0)
     rows = _lesion_rows(root)

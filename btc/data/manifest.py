@@ -47,8 +47,13 @@ def _describe(item: FoundImage) -> dict:
         row["error"] = str(err)
         return row
     row.update(width=info.width, height=info.height, mode=info.mode, format=info.format, readable=True)
-    row["phash"] = str(imagehash.phash(Image.fromarray(gray), hash_size=PHASH_SIZE))
+    row["phash"] = phash_hex(gray)
     return row
+
+
+def phash_hex(gray: np.ndarray) -> str:
+    """The 256-bit perceptual hash of a decoded grayscale image, as hex (the manifest's ``phash``)."""
+    return str(imagehash.phash(Image.fromarray(gray), hash_size=PHASH_SIZE))
 
 
 def build_manifest(root: Path, *, workers: int = 4, progress: bool = True) -> pd.DataFrame:

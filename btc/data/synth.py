@@ -17,27 +17,39 @@ brightness/contrast/gamma are drawn per image so that the classes differ only by
 not by global statistics a trivial model could use. The lesion bounding boxes are written to
 ``lesions.csv`` so explanation maps can be checked against them.
 
-Every image has its own generator derived from ``(seed, class, index)``, so a file does not
-depend on which other files are generated, and one seed always gives byte-identical files.
+Every image has its own generator derived from ``(seed, class, index)``, so a training file
+does not depend on which other files are generated, and one seed always gives byte-identical
+files. Two independently drawn slices can still come as close as the splitter's near-duplicate
+threshold (most often two notumor slices); a Testing image that comes within it of a Training
+image is redrawn as a new patient (``(seed, class, index, attempt)``), so a generated dataset
+is, like a well-made real one, free of leakage between its own folders.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from btc.config import DataConfig
+from btc.data.images import decode_gray
+from btc.data.manifest import phash_hex, phash_words
+from btc.data.split import nearest
 from btc.labels import CLASSES
 
 LAYOUTS = ("kaggle", "flat")
 LESION_COLUMNS = ("path", "label", "x0", "y0", "x1", "y1")
 JPEG_QUALITY = 90
 RGB_FRACTION = 0.25  # the real dataset mixes grayscale and 3-channel JPEGs
+NEAR_DUPLICATE_BITS = DataConfig.model_fields["near_duplicate_distance"].default
+MAX_REDRAWS = 20
 
 # Kaggle's own file-name codes (Tr-gl_0001.jpg, Te-no_0001.jpg, ...).
 _CLASS_CODES = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
@@ -81,9 +93,10 @@ def _validate(per_class: int, size: int, test_fraction: float, layout: str, seed
         raise ValueError(f"seed={seed!r} is invalid; expected an integer >= 0")
 
 
-def _image_rng(seed: int, class_index: int, index: int) -> np.random.Generator:
+def _image_rng(seed: int, class_index: int, index: int, attempt: int = 0) -> np.random.Generator:
     # A spawn key per image keeps each image independent of how many others are drawn.
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(class_index, index)))
+    key = (class_index, index) if attempt == 0 else (class_index, index, attempt)
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
 @lru_cache(maxsize=32)
@@ -259,16 +272,40 @@ def _relative_path(label: str, index: int, split: str, layout: str) -> Path:
     return Path(folder) / label / f"{prefix}-{code}_{index:04d}.jpg"
 
 
-def _save_jpeg(pixels: np.ndarray, path: Path, as_rgb: bool) -> None:
+def _jpeg(pixels: np.ndarray, as_rgb: bool) -> bytes:
     image = Image.fromarray(pixels)  # uint8 2-D -> mode "L"
     if as_rgb:
         image = image.convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="JPEG", quality=JPEG_QUALITY)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _phash_words(jpeg: bytes) -> np.ndarray:
+    """The file's pHash as the manifest computes it, as uint64 words."""
+    return phash_words(pd.Series([phash_hex(decode_gray(jpeg)[0])]))
+
+
+def _draw(seed: int, class_index: int, index: int, size: int, attempt: int = 0) -> tuple[bytes, Box | None]:
+    rng = _image_rng(seed, class_index, index, attempt)
+    pixels, box = _render_slice(rng, CLASSES[class_index], size)
+    return _jpeg(pixels, as_rgb=rng.random() < RGB_FRACTION), box
+
+
+def _draw_new_patient(seed: int, class_index: int, index: int, size: int, seen: np.ndarray,
+                      min_distance: int) -> tuple[bytes, Box | None]:
+    """A test image more than ``min_distance`` bits from every image of ``seen`` (pHash words)."""
+    for attempt in range(MAX_REDRAWS + 1):
+        jpeg, box = _draw(seed, class_index, index, size, attempt)
+        if len(seen) == 0 or nearest(_phash_words(jpeg), seen)[1][0] > min_distance:
+            return jpeg, box
+    raise RuntimeError(f"no test image {CLASSES[class_index]} #{index} more than {min_distance} bits from "
+                       f"every training image after {MAX_REDRAWS} redraws; lower near_duplicate_distance")
 
 
 def generate_synthetic_dataset(out_dir: Path, per_class: int = 60, seed: int = 0, size: int = 128,
-                               test_fraction: float = 0.2, layout: str = "kaggle") -> Path:
+                               test_fraction: float = 0.2, layout: str = "kaggle",
+                               near_duplicate_distance: int | None = NEAR_DUPLICATE_BITS) -> Path:
     """Write a synthetic brain MRI dataset in the Kaggle folder layout, with lesion boxes.
 
     ``layout="kaggle"`` writes ``Training/<class>/*.jpg`` and ``Testing/<class>/*.jpg``, the
@@ -285,6 +322,8 @@ def generate_synthetic_dataset(out_dir: Path, per_class: int = 60, seed: int = 0
         size: Width and height of every image in pixels.
         test_fraction: Share of each class written under Testing (kaggle layout only).
         layout: ``"kaggle"`` or ``"flat"``.
+        near_duplicate_distance: a Testing image within this many pHash bits of a Training
+            image is redrawn (the splitter's default threshold); None: never redraw.
 
     Returns:
         ``out_dir``.
@@ -295,16 +334,26 @@ def generate_synthetic_dataset(out_dir: Path, per_class: int = 60, seed: int = 0
     _validate(per_class, size, test_fraction, layout, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_test = min(round(per_class * test_fraction), per_class - 1)
+    n_test = min(round(per_class * test_fraction), per_class - 1) if layout == "kaggle" else 0
+    drawn: dict[tuple[int, int], tuple[bytes, Box | None]] = {}
+    for class_index in range(len(CLASSES)):
+        for index in range(per_class - n_test):
+            drawn[class_index, index] = _draw(seed, class_index, index, size)
+    if n_test:  # training first: each test image is checked against all of them
+        check = near_duplicate_distance is not None
+        seen = np.concatenate([_phash_words(jpeg) for jpeg, _ in drawn.values()]) if check else None
+        for class_index in range(len(CLASSES)):
+            for index in range(per_class - n_test, per_class):
+                drawn[class_index, index] = (
+                    _draw_new_patient(seed, class_index, index, size, seen, near_duplicate_distance) if check
+                    else _draw(seed, class_index, index, size))
     rows = []
-    for class_index, label in enumerate(CLASSES):
-        for index in range(per_class):
-            rng = _image_rng(seed, class_index, index)
-            pixels, box = _render_slice(rng, label, size)
-            split = "test" if index >= per_class - n_test else "train"
-            relative = _relative_path(label, index, split, layout)
-            _save_jpeg(pixels, out_dir / relative, as_rgb=rng.random() < RGB_FRACTION)
-            rows.append([relative.as_posix(), label, *(box if box else ("",) * 4)])
+    for (class_index, index), (jpeg, box) in sorted(drawn.items()):
+        label = CLASSES[class_index]
+        relative = _relative_path(label, index, "test" if index >= per_class - n_test else "train", layout)
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / relative).write_bytes(jpeg)
+        rows.append([relative.as_posix(), label, *(box if box else ("",) * 4)])
     with open(out_dir / "lesions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LESION_COLUMNS)
