@@ -122,4 +122,6 @@ def validate_command(
         typer.secho(f"data validation passed{warned} ({seconds:.1f}s)", fg=typer.colors.GREEN)
         return
     typer.secho(f"data validation FAILED: {', '.join(report.failures)} ({seconds:.1f}s)", fg=typer.colors.RED)
+    accept = " ".join(f"--warn-only {name}" for name in report.failures)
+    typer.echo(f"if a failure is a known, accepted issue, make it a warning: {accept}")
     raise typer.Exit(1)

@@ -71,9 +71,11 @@ def _validated_split(data_dir: str, cfg, run_dir: Path):
     publish_validation(report)
     if not report.success:
         failed = "; ".join(f"{o.name} ({o.observed})" for o in report.outcomes if o.status == "FAIL")
+        accept = ", ".join([*cfg.validation.warn_only, *report.failures])
         raise DataValidationError(f"step 'validate-data' failed: the data in {data_dir} failed "
                                   f"{len(report.failures)} expectation(s): {failed}. Nothing was trained. "
-                                  f"Data Docs: {report.data_docs_index}")
+                                  f"If a failure is a known, accepted issue, make it a warning with the override "
+                                  f"'validation.warn_only=[{accept}]'. Data Docs: {report.data_docs_index}")
     return split, report
 
 

@@ -294,6 +294,7 @@ def test_cli_exact_copy_across_folders_fails_unless_warned(cli_app, dataset_copy
     failed = CliRunner().invoke(cli_app, args)
     assert failed.exit_code == 1, failed.output
     assert "data validation FAILED: no_leaks_across_splits" in failed.output
+    assert "make it a warning: --warn-only no_leaks_across_splits" in failed.output
     warned = CliRunner().invoke(cli_app, [*args, "--warn-only", "no_leaks_across_splits"])
     assert warned.exit_code == 0, warned.output
     assert "WARN" in warned.output and "with warnings: no_leaks_across_splits" in warned.output
