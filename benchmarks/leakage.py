@@ -26,18 +26,17 @@ from btc.evaluate import evaluate_predictor, format_bands, rows_to_evaluate
 from btc.predict import Predictor
 from btc.training import train_model
 
-NEAR = 40  # the default threshold: a test image this close to a training image is a near duplicate of it
-
 
 def run(manifest, threshold: int, cfg, work: Path) -> dict:
+    near = cfg.data.near_duplicate_distance  # a test image this close to a training image is a near duplicate of it
     start = time.perf_counter()
     split = split_without_leakage(manifest, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                                   near_duplicate_distance=threshold, seed=cfg.data.seed)
     result = train_model(cfg, split, work / f"bits-{threshold}", progress=False)
     test = rows_to_evaluate(split, "test")
     report = evaluate_predictor(Predictor.load(result.model_path), test)
-    near = (test["train_distance"] <= NEAR).mean()
-    return {"threshold (bits)": threshold, f"test images within {NEAR} bits of training": f"{near:.1%}",
+    share = (test["train_distance"] <= near).mean()
+    return {"threshold (bits)": threshold, f"test images within {near} bits of training": f"{share:.1%}",
             "val macro-F1": f"{max(h['val_macro_f1'] for h in result.history):.3f}",
             "test accuracy": f"{report['accuracy']:.3f}", "test macro-F1": f"{report['macro_f1']:.3f}",
             "accuracy by bits to training": format_bands(report["by_train_distance"]),
@@ -47,7 +46,7 @@ def run(manifest, threshold: int, cfg, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data", type=Path, help="dataset folder")
-    parser.add_argument("--thresholds", type=int, nargs="+", default=[NEAR, 0])
+    parser.add_argument("--thresholds", type=int, nargs="+", help="default: data.near_duplicate_distance and 0")
     parser.add_argument("--arch", default="compact_cnn")
     parser.add_argument("--epochs", type=int, help="default: the config's")
     parser.add_argument("-s", "--set", dest="overrides", action="append", default=[],
@@ -59,7 +58,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides + [f"output_dir={tmp}"])
-        for t in args.thresholds:
+        for t in args.thresholds or [cfg.data.near_duplicate_distance, 0]:
             rows.append(run(manifest, t, cfg, Path(tmp)))
             print(f"threshold {t}: done in {rows[-1]['minutes']} min", flush=True)
     print(f"\n{args.arch}, {cfg.train.epochs} epochs, {cfg.data.image_size} px\n")

@@ -8,6 +8,7 @@ reason in ``error``, so they are counted and reported rather than silently lost.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,6 +103,6 @@ def load_manifest(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def phash_words(phashes: pd.Series) -> np.ndarray:
+def phash_words(phashes: Iterable[str]) -> np.ndarray:
     """Perceptual hashes (hex strings) as rows of uint64 words, for fast Hamming distances."""
     return np.stack([np.frombuffer(bytes.fromhex(h), dtype=">u8").astype(np.uint64) for h in phashes])

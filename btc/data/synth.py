@@ -34,7 +34,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -283,7 +282,7 @@ def _jpeg(pixels: np.ndarray, as_rgb: bool) -> bytes:
 
 def _phash_words(jpeg: bytes) -> np.ndarray:
     """The file's pHash as the manifest computes it, as uint64 words."""
-    return phash_words(pd.Series([phash_hex(decode_gray(jpeg)[0])]))
+    return phash_words([phash_hex(decode_gray(jpeg)[0])])
 
 
 def _draw(seed: int, class_index: int, index: int, size: int, attempt: int = 0) -> tuple[bytes, Box | None]:
@@ -292,12 +291,12 @@ def _draw(seed: int, class_index: int, index: int, size: int, attempt: int = 0) 
     return _jpeg(pixels, as_rgb=rng.random() < RGB_FRACTION), box
 
 
-def _draw_new_patient(seed: int, class_index: int, index: int, size: int, seen: np.ndarray,
-                      min_distance: int) -> tuple[bytes, Box | None]:
-    """A test image more than ``min_distance`` bits from every image of ``seen`` (pHash words)."""
+def _draw_test(seed: int, class_index: int, index: int, size: int, seen: np.ndarray | None,
+               min_distance: int | None) -> tuple[bytes, Box | None]:
+    """A test image more than ``min_distance`` bits from every image of ``seen`` (pHash words; None: any)."""
     for attempt in range(MAX_REDRAWS + 1):
         jpeg, box = _draw(seed, class_index, index, size, attempt)
-        if len(seen) == 0 or nearest(_phash_words(jpeg), seen)[1][0] > min_distance:
+        if seen is None or nearest(_phash_words(jpeg), seen)[1][0] > min_distance:
             return jpeg, box
     raise RuntimeError(f"no test image {CLASSES[class_index]} #{index} more than {min_distance} bits from "
                        f"every training image after {MAX_REDRAWS} redraws; lower near_duplicate_distance")
@@ -339,14 +338,12 @@ def generate_synthetic_dataset(out_dir: Path, per_class: int = 60, seed: int = 0
     for class_index in range(len(CLASSES)):
         for index in range(per_class - n_test):
             drawn[class_index, index] = _draw(seed, class_index, index, size)
-    if n_test:  # training first: each test image is checked against all of them
-        check = near_duplicate_distance is not None
-        seen = np.concatenate([_phash_words(jpeg) for jpeg, _ in drawn.values()]) if check else None
-        for class_index in range(len(CLASSES)):
-            for index in range(per_class - n_test, per_class):
-                drawn[class_index, index] = (
-                    _draw_new_patient(seed, class_index, index, size, seen, near_duplicate_distance) if check
-                    else _draw(seed, class_index, index, size))
+    # Training first: each test image is checked against all of them.
+    check = n_test and near_duplicate_distance is not None
+    seen = np.concatenate([_phash_words(jpeg) for jpeg, _ in drawn.values()]) if check else None
+    for class_index in range(len(CLASSES)):
+        for index in range(per_class - n_test, per_class):
+            drawn[class_index, index] = _draw_test(seed, class_index, index, size, seen, near_duplicate_distance)
     rows = []
     for (class_index, index), (jpeg, box) in sorted(drawn.items()):
         label = CLASSES[class_index]
