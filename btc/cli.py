@@ -273,12 +273,15 @@ def explain(
 def pointing_game_cmd(
     data: Annotated[Path, typer.Argument(help="synthetic dataset folder with lesions.csv")],
     model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI")],
+    under: Annotated[str | None, typer.Option(help="only images under this subfolder, e.g. Testing")] = None,
+    method: Annotated[str, typer.Option(help="layercam or gradcam")] = "layercam",
+    max_images: Annotated[int, typer.Option(min=1, help="at most this many images, spread over the classes")] = 400,
 ):
-    """On synthetic data: how often the Grad-CAM peak falls inside the lesion's box."""
+    """On synthetic data: how often the heatmap's peak falls inside the lesion's box (pointing game)."""
     from btc.explain_eval import pointing_game_on_folder
 
     try:
-        result = pointing_game_on_folder(model, data)
+        result = pointing_game_on_folder(model, data, max_images=max_images, under=under, method=method)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     typer.echo(json.dumps(result, indent=2))

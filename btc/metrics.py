@@ -1,7 +1,9 @@
 """Classification metrics, calibration error and temperature scaling.
 
 Precision, recall and F1 come from the confusion matrix (zero where undefined, as
-scikit-learn's ``zero_division=0``); ROC-AUC is scikit-learn's one-vs-rest.
+scikit-learn's ``zero_division=0``); macro averages run over the classes that occur in the
+labels or the predictions, as scikit-learn's do, so a small test set without one class is not
+marked down for it. ROC-AUC is scikit-learn's one-vs-rest.
 """
 
 from __future__ import annotations
@@ -26,9 +28,19 @@ def _prf(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return precision, recall, f1
 
 
+def _present(cm: np.ndarray) -> np.ndarray:
+    """Classes that occur as a label or a prediction (scikit-learn's macro-average set)."""
+    return (cm.sum(0) + cm.sum(1)) > 0
+
+
+def _macro(values: np.ndarray, present: np.ndarray) -> float:
+    return float(values[present].mean()) if present.any() else 0.0
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of the per-class F1 scores."""
-    return float(_prf(confusion(y_true, y_pred, n_classes))[2].mean())
+    """Unweighted mean of the per-class F1 scores over the classes present."""
+    cm = confusion(y_true, y_pred, n_classes)
+    return _macro(_prf(cm)[2], _present(cm))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -87,6 +99,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple
     y_pred = probs.argmax(1)
     cm = confusion(y_true, y_pred, n)
     precision, recall, f1 = _prf(cm)
+    present = _present(cm)
     per_class = {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                      "support": int(cm[i].sum())} for i, c in enumerate(classes)}
     aucs = {}
@@ -98,9 +111,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple
     return {
         "n_images": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_precision": _macro(precision, present),
+        "macro_recall": _macro(recall, present),
+        "macro_f1": _macro(f1, present),
         "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
         "ece": expected_calibration_error(probs, y_true, n_bins) if len(y_true) else 0.0,
         "per_class": per_class,

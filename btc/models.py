@@ -2,8 +2,10 @@
 
 Every model takes ``[B, 1, H, W]`` standardised slices and returns logits ``[B, 4]``
 (``forward(x) == head(features(x))``). Each exposes ``features(x)`` (penultimate embedding,
-used by monitoring), ``head`` (embedding -> logits) and ``cam_layer`` (the last
-convolutional block, used by Grad-CAM).
+used by monitoring), ``head`` (embedding -> logits) and ``cam_layers``: two convolutional
+blocks at 1/4 to 1/16 of the input resolution whose class activation maps
+:func:`btc.explain.gradcam` fuses. The last block's map is 4 x 4 at 128 px, too coarse to
+point at a lesion of a few millimetres (see ``btc.explain``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CompactMRINet(nn.Module):
         for cin, cout in ((w, w), (w, 2 * w), (2 * w, 4 * w), (4 * w, 8 * w)):
             blocks += [ResidualBlock(cin, cout, 2)] + [ResidualBlock(cout, cout) for _ in range(depth - 1)]
         self.stages = nn.Sequential(*blocks)
+        self.depth = depth
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8 * w, num_classes))
         for m in self.modules():
@@ -63,8 +66,8 @@ class CompactMRINet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.stages[-1]
+    def cam_layers(self) -> tuple[nn.Module, ...]:
+        return self.stages[self.depth - 1], self.stages[2 * self.depth - 1]  # ends of stages 1 and 2: 1/4 and 1/8
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
@@ -92,8 +95,8 @@ class PlainCNN(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(256, num_classes))
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.blocks[-1][0]  # the last convolution block, before its pooling
+    def cam_layers(self) -> tuple[nn.Module, ...]:
+        return self.blocks[2][0], self.blocks[3][0]  # third and fourth convolutions, before pooling: 1/4 and 1/8
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(self.blocks(x))
@@ -120,24 +123,34 @@ class TorchvisionClassifier(nn.Module):
             net.conv1 = _one_channel(net.conv1)
             dim = net.fc.in_features
             net.fc = nn.Identity()
-            self.cam = net.layer4
+            self.cams = (net.layer2, net.layer3)  # 1/8 and 1/16
         else:  # efficientnet / mobilenet: features[0][0] is the stem convolution
             net.features[0][0] = _one_channel(net.features[0][0])
             dim = next(m for m in net.classifier if isinstance(m, nn.Linear)).in_features
             net.classifier = nn.Identity()
-            self.cam = net.features[-1]
+            self.cams = _last_blocks_at_strides(net.features, (8, 16))
         self.backbone = net
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.cam
+    def cam_layers(self) -> tuple[nn.Module, ...]:
+        return self.cams
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _last_blocks_at_strides(features: nn.Sequential, strides: tuple[int, ...], probe: int = 64) -> tuple[nn.Module, ...]:
+    """The last block of ``features`` whose output is at each of ``strides`` (found with one probe forward)."""
+    x, last = torch.zeros(1, 1, probe, probe), {}
+    with torch.no_grad():
+        for block in features:
+            x = block(x)
+            last[probe // x.shape[-1]] = block
+    return tuple(last[s] for s in strides)
 
 
 def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:

@@ -81,5 +81,5 @@ def gradcam_grid_plot(overlays: dict[str, list[tuple[np.ndarray, str]]], path: P
                 ax.imshow(items[c][0])
                 ax.set_title(items[c][1], fontsize=8)
         axes[r][0].text(-0.1, 0.5, cls, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle("Grad-CAM by true class (title: prediction)")
+    fig.suptitle("LayerCAM (Grad-CAM family) by true class (title: prediction)")
     return _save(fig, path)

@@ -102,7 +102,8 @@ def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> 
 def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, loss_fn: nn.Module) -> dict[str, float]:
     """Validation loss, accuracy and macro-F1."""
     logits, labels = predict_logits(model, batches, device)
-    loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    # On the model's device: a class-weighted loss keeps its weights there.
+    loss = loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device)).item()
     pred = logits.argmax(1)
     return {"loss": loss, "accuracy": float((pred == labels).mean()), "macro_f1": macro_f1(labels, pred, logits.shape[1])}
 
@@ -140,7 +141,9 @@ def fit(
     Early stopping waits for ``min_epochs``: under a one-cycle schedule validation swings
     while the learning rate is high, and the best epochs come as it anneals.
 
-    Writes ``last.pt`` (everything needed to resume) after every epoch and ``best.pt`` (the
+    Writes ``last.pt`` (everything needed to resume: weights, optimizer, schedule, gradient
+    scaler, the batches' shuffling state and the RNG, so a resumed run repeats an unbroken one
+    on the CPU) after every epoch and ``best.pt`` (the
     weights with the best validation macro-F1) whenever it improves.
 
     Returns:
@@ -155,10 +158,17 @@ def fit(
     last = checkpoint_dir / "last.pt"
     if resume and last.is_file():
         state = torch.load(last, map_location=device, weights_only=False)
+        if scheduler is not None and state.get("epochs", epochs) != epochs:
+            raise ValueError(f"{last} was saved by a run of {state['epochs']} epochs, and its learning-rate schedule "
+                             f"is planned over them; resume it with epochs={state['epochs']}, not {epochs}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if hasattr(train_batches, "load_state_dict") and state.get("batches"):
+            train_batches.load_state_dict(state["batches"])
         history, best, since_best = state["history"], state["best"], state["since_best"]
         start_epoch = len(history) + 1
         torch.set_rng_state(state["torch_rng"])
@@ -179,8 +189,10 @@ def fit(
         else:
             since_best += 1
         save_checkpoint(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict() if scheduler else None, history=history,
-                        best=best, since_best=since_best, torch_rng=torch.get_rng_state())
+                        scheduler=scheduler.state_dict() if scheduler else None,
+                        scaler=scaler.state_dict() if scaler else None,
+                        batches=train_batches.state_dict() if hasattr(train_batches, "state_dict") else None,
+                        epochs=epochs, history=history, best=best, since_best=since_best, torch_rng=torch.get_rng_state())
         if progress:
             tqdm.write(f"epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['accuracy']:.4f} | val loss {va['loss']:.4f} "
                        f"acc {va['accuracy']:.4f} macro-F1 {va['macro_f1']:.4f} | {tr['images_per_s']:.0f} img/s")

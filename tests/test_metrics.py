@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from btc.labels import CLASSES
-from btc.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
+from btc.metrics import classification_metrics, expected_calibration_error, fit_temperature, macro_f1, softmax
 
 
 @pytest.fixture
@@ -39,6 +39,19 @@ def test_class_never_predicted_has_zero_precision():
     m = classification_metrics(y, probs, CLASSES)
     assert m["per_class"]["pituitary"]["precision"] == 0.0
     assert m["macro_f1"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro", zero_division=0))
+
+
+@pytest.mark.parametrize("y, pred", [
+    ([0, 1, 2, 0], [0, 1, 2, 0]),  # pituitary neither in the labels nor predicted
+    ([0, 1, 2, 0], [0, 1, 3, 0]),  # pituitary only predicted
+    ([0, 0, 0, 0], [0, 0, 0, 0]),  # one class only
+])
+def test_macro_averages_equal_sklearn_when_a_class_is_absent(y, pred):
+    y, pred = np.array(y), np.array(pred)
+    m = classification_metrics(y, np.eye(4)[pred], CLASSES)
+    p, r, f, _ = precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+    assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == pytest.approx((p, r, f))
+    assert macro_f1(y, pred, 4) == pytest.approx(f)
 
 
 def test_ece_zero_when_calibrated_and_temperature_reduces_it():

@@ -125,10 +125,16 @@ def test_pointing_game_counts_hits():
     cams[0, 2, 3] = 1  # peak at x=3, y=2
     cams[1, 9, 9] = 1
     assert pointing_game(cams, np.array([[2, 1, 5, 4], [0, 0, 3, 3]])) == 0.5
+    assert pointing_game(cams[:1], np.array([[2, 1, 3, 4]])) == 0.0  # x1 is exclusive: column 3 lies outside
 
 
 def test_pointing_game_on_synthetic_folder(predictor, synth_root):
     result = pointing_game_on_folder(predictor, synth_root)
-    assert 0 <= result["pointing_game"] <= 1
     assert result["n_images"] == 3 * 40  # every tumour image of the fixture (40 per class) has a box
     assert set(result["per_class"]) == {"glioma", "meningioma", "pituitary"}
+    assert 0 < result["chance"] < 0.2  # lesions are small against the whole slice
+    assert result["pointing_game"] > result["chance"]
+    occ = result["occlusion"]
+    assert occ["accuracy_after"] < occ["accuracy_before"]  # painting the lesion out changes the answers
+    few = pointing_game_on_folder(predictor, synth_root, max_images=30)
+    assert few["n_images"] == 30 and set(few["per_class"]) == {"glioma", "meningioma", "pituitary"}

@@ -112,11 +112,31 @@ def test_cpu_training_is_repeatable(tmp_path):
 
 
 def test_resume_continues_from_last_checkpoint(tmp_path):
-    h1, _ = _fit(tmp_path, 2)
-    h2, _ = _fit(tmp_path, 4, resume=True)
+    """Two epochs, stop, resume to four: the same losses and weights as four epochs unbroken."""
+    h1, _ = _fit(tmp_path / "broken", 2)
+    h2, resumed = _fit(tmp_path / "broken", 4, resume=True)
+    unbroken, model = _fit(tmp_path / "unbroken", 4)
     assert [r["epoch"] for r in h2] == [1, 2, 3, 4]
     assert h2[:2] == h1
-    assert (tmp_path / "best.pt").is_file()
+    assert [r["train_loss"] for r in h2] == [r["train_loss"] for r in unbroken]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
+    assert (tmp_path / "broken" / "best.pt").is_file()
+
+
+def test_resume_with_other_epochs_is_refused(tmp_path):
+    x, y = _toy_batches()
+
+    def run(epochs, resume):
+        model, batches = build_model(width=8), ArrayBatches(x, y, 16, shuffle=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=epochs * len(batches))
+        return fit(model, batches, ArrayBatches(x, y, 32), opt,
+                   torch.device("cpu"), epochs=epochs, loss_fn=nn.CrossEntropyLoss(), augment=Augment(),
+                   checkpoint_dir=tmp_path, scheduler=sched, resume=resume, progress=False)
+
+    run(2, False)
+    with pytest.raises(ValueError, match="run of 2 epochs.*resume it with epochs=2, not 3"):
+        run(3, True)
 
 
 @pytest.mark.parametrize(("min_epochs", "epochs_run"), [(0, 3), (6, 6)])
@@ -172,7 +192,8 @@ def test_gpu_mixed_precision_smoke(tmp_path):
     model = build_model(width=16)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     h = fit(model, ArrayBatches(x, y, 16, shuffle=True), ArrayBatches(x, y, 32), opt, torch.device("cuda"),
-            epochs=2, loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, progress=False)
-    assert np.isfinite(h[-1]["train_loss"])
+            epochs=2, loss_fn=nn.CrossEntropyLoss(weight=torch.ones(4, device="cuda")),  # class-weighted, as by default
+            augment=Augment(), checkpoint_dir=tmp_path, progress=False)
+    assert np.isfinite(h[-1]["train_loss"]) and np.isfinite(h[-1]["val_loss"])
     logits, _ = predict_logits(model, ArrayBatches(x, y, 32), torch.device("cuda"))
     assert logits.shape == (len(y), 4)

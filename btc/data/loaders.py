@@ -29,6 +29,13 @@ class ArrayBatches:
         self.sample_weights = None if sample_weights is None else sample_weights / sample_weights.sum()
         self.rng = np.random.default_rng(seed)
 
+    def state_dict(self) -> dict:
+        """The shuffling generator's state, so a resumed run draws the same batches as an unbroken one."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
