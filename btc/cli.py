@@ -56,12 +56,13 @@ def data_synth(
 
 
 def _manifest_or_fail(data: Path):
+    """The manifest of a dataset folder, or a manifest/split .parquet as it is; exit 2 with the reason."""
     from btc.data.discover import DatasetLayoutError
-    from btc.data.manifest import build_manifest, unreadable
+    from btc.data.manifest import build_manifest, load_manifest, unreadable
 
     try:
-        manifest = build_manifest(data)
-    except (DatasetLayoutError, ValueError) as err:
+        manifest = load_manifest(data) if data.suffix == ".parquet" else build_manifest(data)
+    except (DatasetLayoutError, ValueError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     bad = unreadable(manifest)
     for row in bad.itertuples():
@@ -92,33 +93,27 @@ def data_split(
     set_: SetOpt = None,
 ):
     """Split without leakage: exact duplicates dropped, near-duplicate clusters kept in one split."""
-    from btc.data.manifest import load_manifest
     from btc.data.split import split_summary, split_without_leakage
 
     cfg = _config(config, set_)
-    manifest = load_manifest(data) if data.suffix == ".parquet" else _manifest_or_fail(data)
+    manifest = _manifest_or_fail(data)
     d = cfg.data
     split = split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                                   near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     split.to_parquet(out, index=False)
+    cfg.save(out.with_name(f"{out.stem}.config.yaml"))
     typer.echo(split_summary(split).to_string())
     typer.echo(f"test images with a near duplicate in train/val: {int(split['near_dup_in_train'].sum())} -> {out}")
 
 
 def prepare_split(data: Path, cfg):
-    """Manifest + split for a dataset folder, or a split/manifest Parquet file as it is."""
-    import pandas as pd
-
+    """Manifest + split for a dataset folder or manifest .parquet; a split .parquet as it is."""
     from btc.data.split import split_without_leakage
 
-    if data.suffix == ".parquet":
-        table = pd.read_parquet(data)
-        if "split" in table:
-            return table
-        manifest = table
-    else:
-        manifest = _manifest_or_fail(data)
+    manifest = _manifest_or_fail(data)
+    if "split" in manifest:
+        return manifest
     d = cfg.data
     return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                                  near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
@@ -143,9 +138,12 @@ def train(
 
     overrides = list(set_ or [])
     overrides += [f"model.arch={arch}"] if arch else []
-    overrides += [f"train.epochs={epochs}"] if epochs else []
+    overrides += [f"train.epochs={epochs}"] if epochs is not None else []
     overrides += ["model.pretrained=true"] if pretrained else []
     overrides += [f"model.init_weights={init_weights}"] if init_weights else []
+    if resume and (out is None or not (out / "last.pt").is_file()):
+        raise fail("--resume continues a run from its last.pt; pass --out RUN_DIR of that run" if out is None
+                   else f"--resume: no last.pt in {str(out)!r} to continue from")
     cfg = _config(config, overrides)
     split = prepare_split(data, cfg)
     run_dir = out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S")
@@ -167,8 +165,6 @@ def train(
 
 
 def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg) -> dict:
-    import pandas as pd
-
     from btc.evaluate import rows_to_evaluate, summary_lines, write_report
     from btc.predict import Predictor
     from btc.reports import evaluation_artifacts, load_history
@@ -181,7 +177,7 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
         data = Path(model).parent / "split.parquet"
         if not data.is_file():
             raise fail("no --data given and no split.parquet beside the model; pass --data DIR")
-    table = pd.read_parquet(data) if data.suffix == ".parquet" else _manifest_or_fail(data)
+    table = _manifest_or_fail(data)
     try:
         rows = rows_to_evaluate(table, split if "split" in table else ("test" if split else None))
     except ValueError as err:
@@ -189,6 +185,7 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
     history = load_history(Path(model)) if not model.startswith(("models:/", "runs:/")) else None
     report = evaluation_artifacts(predictor, rows, out_dir, history=history, n_bins=cfg.eval.ece_bins,
                                   gradcam_per_class=cfg.eval.gradcam_per_class, progress=True)
+    cfg.save(out_dir / "config.yaml")
     if json_path:
         write_report(report, json_path)
     for line in summary_lines(report):

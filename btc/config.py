@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Section(BaseModel):
@@ -36,6 +36,13 @@ class ModelConfig(_Section):
     dropout: float = Field(0.2, ge=0, lt=1)
     pretrained: bool = Field(False, description="torchvision ImageNet weights (needs the internet)")
     init_weights: Path | None = Field(None, description="offline weights: a state_dict .pt file")
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> "ModelConfig":
+        if self.pretrained and self.arch in ("compact_cnn", "plain_cnn"):
+            raise ValueError(f"{self.arch} has no pretrained weights (it trains from scratch); pretrained needs a "
+                             "torchvision architecture (resnet18, ...) or pass init_weights / --init-weights PATH")
+        return self
 
 
 class TrainConfig(_Section):

@@ -69,9 +69,12 @@ def evaluate_predictor(predictor: Predictor, rows: pd.DataFrame, *, n_bins: int 
     report = _metrics(probs_raw, y, t, n_bins)
     report["temperature"] = t
     report["model"] = {"name": predictor.name, "version": predictor.version}
-    clean = ~rows["near_dup_in_train"].to_numpy(bool) if "near_dup_in_train" in rows else np.ones(len(rows), bool)
-    report["clean"] = _metrics(probs_raw[clean], y[clean], t, n_bins) if clean.any() else None
-    report["n_near_duplicates_of_train"] = int((~clean).sum())
+    if "near_dup_in_train" in rows:
+        clean = ~rows["near_dup_in_train"].to_numpy(bool)
+        report["clean"] = _metrics(probs_raw[clean], y[clean], t, n_bins) if clean.any() else None
+        report["n_near_duplicates_of_train"] = int((~clean).sum())
+    else:  # a folder or manifest: nothing says which images resemble the model's training data
+        report["clean"] = report["n_near_duplicates_of_train"] = None
     if "train_distance" in rows:
         correct = probs_raw.argmax(1) == y
         report["by_train_distance"] = accuracy_by_band(rows["train_distance"], correct)
@@ -113,6 +116,9 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("clean") and report["n_near_duplicates_of_train"]:
         c = report["clean"]
         lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
+    elif report.get("n_near_duplicates_of_train") is None:
+        lines.append("clean subset unknown: these images carry no near-duplicate flags against the model's training "
+                     "data (evaluate the run's split.parquet, or a split made with it, to get them)")
     if report.get("by_train_distance"):
         lines.append(f"accuracy by bits to the nearest training image  {format_bands(report['by_train_distance'])}")
     for cls, m in report["per_class"].items():

@@ -18,6 +18,7 @@ from torch import nn
 from btc.labels import CLASSES
 
 ARCHS = ("compact_cnn", "plain_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small")
+OWN_ARCHS = ("compact_cnn", "plain_cnn")  # defined here; the others are torchvision's
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -187,6 +188,9 @@ def build_model(
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    if pretrained and arch in OWN_ARCHS:
+        raise ValueError(f"{arch} has no pretrained weights (it trains from scratch); --pretrained needs one of "
+                         f"{', '.join(a for a in ARCHS if a not in OWN_ARCHS)}, or pass --init-weights PATH")
     if arch == "compact_cnn":
         model: nn.Module = CompactMRINet(num_classes, width, dropout, depth=depth)
     elif arch == "plain_cnn":

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
+from btc.metrics import reliability_table, roc_curves
 
-from btc.metrics import reliability_table, roc_curves  # noqa: E402
+# Figures are built as Figure objects, not through pyplot: no GUI backend is chosen (servers and
+# CI have no display), no global figure state is kept, and importing this module changes nothing.
+
+
+def _subplots(*grid: int, **kw):
+    fig = Figure(figsize=kw.pop("figsize"))
+    return fig, fig.subplots(*grid, **kw)
 
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -25,7 +29,7 @@ def confusion_matrix_plot(cm: np.ndarray, classes: tuple[str, ...], path: Path, 
     cm = np.asarray(cm)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     labels = np.array([[f"{n}\n{s:.0%}" for n, s in zip(r1, r2)] for r1, r2 in zip(cm, share)])
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _subplots(figsize=(5.5, 4.5))
     sns.heatmap(share, annot=labels, fmt="", cmap="Blues", vmin=0, vmax=1, xticklabels=classes, yticklabels=classes,
                 cbar_kws={"label": "share of true class"}, ax=ax)
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -34,7 +38,7 @@ def confusion_matrix_plot(cm: np.ndarray, classes: tuple[str, ...], path: Path, 
 
 def training_curves_plot(history: list[dict], path: Path) -> Path:
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = _subplots(1, 2, figsize=(10, 3.8))
     a.plot(epochs, [h["train_loss"] for h in history], label="train")
     a.plot(epochs, [h["val_loss"] for h in history], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -48,7 +52,7 @@ def training_curves_plot(history: list[dict], path: Path) -> Path:
 
 
 def roc_plot(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = _subplots(figsize=(5, 4.5))
     for cls, (fpr, tpr) in roc_curves(y_true, probs, classes).items():
         ax.plot(fpr, tpr, label=cls)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -58,7 +62,7 @@ def roc_plot(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], pa
 
 
 def reliability_plot(y_true: np.ndarray, probs_before: np.ndarray, probs_after: np.ndarray, path: Path, n_bins: int = 15) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = _subplots(figsize=(5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
     for name, probs in (("before temperature", probs_before), ("after temperature", probs_after)):
         rows = [r for r in reliability_table(probs, y_true, n_bins) if r["count"]]
@@ -72,7 +76,7 @@ def gradcam_grid_plot(overlays: dict[str, list[tuple[np.ndarray, str]]], path: P
     """Rows = true class, columns = examples; each title is the prediction."""
     n_rows = len(overlays)
     n_cols = max((len(v) for v in overlays.values()), default=1) or 1
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.3 * n_rows), squeeze=False)
+    fig, axes = _subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.3 * n_rows), squeeze=False)
     for r, (cls, items) in enumerate(overlays.items()):
         for c in range(n_cols):
             ax = axes[r][c]

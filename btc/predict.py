@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from btc.checkpoint import ModelSpec, load_model
-from btc.data.images import decode_gray, resize_gray
+from btc.data.images import decode_gray, gray_from_array, resize_gray
 from btc.transforms import preprocess
 
 ImageLike = np.ndarray | Image.Image | bytes | str | Path
@@ -81,10 +81,7 @@ class Predictor:
         elif isinstance(image, Image.Image):
             gray = np.asarray(image.convert("L"), dtype=np.uint8)
         else:
-            gray = np.asarray(image)
-            if gray.ndim == 3:
-                gray = gray[..., :3].mean(-1) if gray.shape[-1] in (3, 4) else gray[0]
-            gray = gray.astype(np.uint8) if gray.dtype == np.uint8 else np.clip(gray, 0, 255).astype(np.uint8)
+            gray = gray_from_array(image)
         return resize_gray(gray, self.image_size)
 
     def batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -134,6 +131,3 @@ class Predictor:
         arr = self.to_array(image)
         heat, _ = gradcam(self.model, torch.from_numpy(arr[None].copy()))  # a decoded image may be read-only
         return heat[0], overlay(arr, heat[0]), self.predict([arr])[0]
-
-    def inference_module(self) -> InferenceModule:
-        return InferenceModule(self.model, self.spec.temperature).eval()

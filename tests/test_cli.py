@@ -22,8 +22,9 @@ def test_synth_manifest_split(tmp_path):
     assert (tmp_path / "d" / "lesions.csv").is_file()
     res = invoke("data", "manifest", tmp_path / "d", "--out", tmp_path / "m.parquet")
     assert res.exit_code == 0 and "24 files (0 unreadable)" in res.output
-    res = invoke("data", "split", tmp_path / "m.parquet", "--out", tmp_path / "s.parquet")
+    res = invoke("data", "split", tmp_path / "m.parquet", "--out", tmp_path / "s.parquet", "-s", "data.seed=3")
     assert res.exit_code == 0 and "total" in res.output and (tmp_path / "s.parquet").is_file()
+    assert "seed: 3" in (tmp_path / "s.config.yaml").read_text()  # the config that made it, beside it
 
 
 def test_bad_inputs_have_clear_messages(tmp_path):
@@ -39,6 +40,23 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     assert res.exit_code == 2 and "train.epochs" in res.output
     res = invoke("predict", tmp_path / "a.jpg", "--model", tmp_path / "nope.pt")
     assert res.exit_code == 2 and "does not exist" in res.output
+    for command in (["data", "split"], ["train"]):
+        res = invoke(*command, tmp_path / "missing.parquet")
+        assert res.exit_code == 2 and "missing.parquet' does not exist" in res.output, command
+    (tmp_path / "text.parquet").write_text("not parquet")
+    res = invoke("train", tmp_path / "text.parquet")
+    assert res.exit_code == 2 and "is not a readable Parquet file" in res.output
+    import pandas as pd
+
+    pd.DataFrame({"path": ["a.jpg"], "label": ["glioma"]}).to_parquet(tmp_path / "other.parquet")
+    res = invoke("data", "split", tmp_path / "other.parquet")
+    assert res.exit_code == 2 and "lacks the columns source_split, width" in res.output
+    res = invoke("train", tmp_path, "--resume")
+    assert res.exit_code == 2 and "pass --out RUN_DIR" in res.output
+    res = invoke("train", tmp_path, "--resume", "--out", tmp_path / "no_run")
+    assert res.exit_code == 2 and "no last.pt in" in res.output
+    res = invoke("train", tmp_path, "--pretrained")
+    assert res.exit_code == 2 and "compact_cnn has no pretrained weights" in res.output
 
 
 def test_train_evaluate_predict_explain(tmp_path, synth_root):
@@ -52,6 +70,9 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
 
     res = invoke("evaluate", "--model", model, "--json", tmp_path / "m.json", "--out", tmp_path / "ev")
     assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev" / "config.yaml").is_file()
+    res = invoke("evaluate", "--model", model, "--data", tmp_path / "missing.parquet")
+    assert res.exit_code == 2 and "missing.parquet' does not exist" in res.output
     report = json.loads((tmp_path / "m.json").read_text())
     assert {"accuracy", "macro_f1", "ece", "n_images", "per_class"} <= set(report)
 

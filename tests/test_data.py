@@ -90,7 +90,7 @@ def test_decode_refuses_decompression_bomb_before_decoding(tmp_path):
         decode_gray(path, max_bytes=10)
 
 
-def test_dicom_is_decoded(tmp_path):
+def _write_dicom(tmp_path):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -104,9 +104,36 @@ def test_dicom_is_decoded(tmp_path):
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
     ds.PixelData = pixels.tobytes()
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
-    gray, info = decode_gray(tmp_path / "x.dcm")
+    return tmp_path / "x.dcm"
+
+
+def test_dicom_is_decoded(tmp_path):
+    gray, info = decode_gray(_write_dicom(tmp_path))
     assert gray.shape == (32, 48) and gray.dtype == np.uint8 and info.format == "DICOM"
     assert gray[0, 0] < gray[-1, -1]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each invalid value it meets
+def test_corrupt_dicom_is_an_image_error_never_a_crash(tmp_path):
+    """Cut and byte-flipped copies of a DICOM file: each decodes or gives ImageDecodeError (pydicom raises
+    TypeError, NotImplementedError and more on its own)."""
+    good = _write_dicom(tmp_path).read_bytes()
+    rng = np.random.default_rng(0)
+    errors = 0
+    for k in range(600):
+        data = bytearray(good)
+        if k % 2 == 0:
+            data = data[:int(rng.integers(133, len(data)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(132, len(data)))] = int(rng.integers(0, 256))
+        try:
+            gray, _ = decode_gray(bytes(data))
+            assert gray.dtype == np.uint8 and gray.ndim == 2
+        except ImageDecodeError as err:
+            errors += 1
+            assert "DICOM" in str(err)
+    assert errors > 100  # the corruptions do break most files
 
 
 def test_manifest_roundtrip_and_digest(tmp_path, synth_root):

@@ -11,6 +11,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
 from btc.checkpoint import load_model
+from btc.data.images import ImageDecodeError
 from btc.evaluate import evaluate_predictor, rows_to_evaluate, summary_lines
 from btc.explain import gradcam, overlay, pointing_game
 from btc.explain_eval import pointing_game_on_folder
@@ -36,13 +37,29 @@ def test_checkpoint_loads_safely_and_rejects_other_files(trained_run, tmp_path):
 
 def test_predict_proba_accepts_paths_bytes_arrays_and_pil(predictor, synth_split):
     path = synth_split.loc[synth_split["split"] == "test", "path"].iloc[0]
-    inputs = [path, open(path, "rb").read(), np.asarray(Image.open(path).convert("L")), Image.open(path)]
+    gray = np.asarray(Image.open(path).convert("L"))
+    inputs = [path, open(path, "rb").read(), gray, Image.open(path),
+              gray[..., None], gray[None], gray.astype(np.float32) / 255, gray.astype(np.uint16) * 256,
+              np.asarray(Image.open(path).convert("RGB"))]
     probs = predictor.predict_proba(inputs)
-    assert probs.shape == (4, 4)
+    assert probs.shape == (len(inputs), 4)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
-    assert np.allclose(probs, probs[0], atol=1e-5)  # same image in four forms, same answer
+    # The same image in nine forms (file, bytes, arrays HxW, HxWx1, 1xHxW, float in [0, 1], uint16, RGB, PIL):
+    # the same answer, up to the rounding of a stretched intensity range.
+    assert np.abs(probs - probs[0]).max() < 0.02
     result = predictor.predict([path])[0]
     assert result["label"] in CLASSES and set(result["probabilities"]) == set(CLASSES)
+
+
+@pytest.mark.parametrize(("array", "reason"), [
+    (np.zeros((2, 3, 4, 5), dtype=np.uint8), r"shape \(2, 3, 4, 5\) is not an image"),
+    (np.zeros((0, 8), dtype=np.uint8), r"shape \(0, 8\) is not an image"),
+    (np.zeros((8, 8), dtype=bool), "type bool is not an image"),
+    (np.full((8, 8), np.nan, dtype=np.float32), "NaN or infinite"),
+])
+def test_predict_proba_names_what_is_wrong_with_an_array(predictor, array, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        predictor.predict_proba([array])
 
 
 def test_temperature_changes_confidence_not_ranking(predictor, synth_split):
@@ -84,6 +101,13 @@ def test_clean_subset_excludes_near_duplicates(predictor, synth_split):
     report = evaluate_predictor(predictor, rows)
     assert report["clean"]["n_images"] == report["n_images"] - 3
     assert report["n_near_duplicates_of_train"] == 3
+
+
+def test_clean_subset_is_unknown_without_near_duplicate_flags(predictor, synth_split):
+    rows = rows_to_evaluate(synth_split, "test").drop(columns=["near_dup_in_train", "train_distance"])
+    report = evaluate_predictor(predictor, rows)
+    assert report["clean"] is None and report["n_near_duplicates_of_train"] is None
+    assert any(line.startswith("clean subset unknown") for line in summary_lines(report))
 
 
 def test_accuracy_by_distance_to_training(predictor, synth_split):

@@ -76,3 +76,35 @@ def test_own_split_when_no_testing_folder(tmp_path, synth_root):
     assert not split["near_dup_in_train"].any()
     assert list(split_without_leakage(build_manifest(flat, progress=False), val_fraction=0.2, test_fraction=0.2,
                                       seed=4)["split"]) != list(split["split"])
+
+
+def test_near_duplicate_clusters_stay_in_one_split(tmp_path, synth_root):
+    """Re-encodings and brightened copies of training images land in their original's split and cluster."""
+    flat = tmp_path / "flat"
+    for d in (synth_root / "Training").iterdir():
+        shutil.copytree(d, flat / d.name)
+    groups = []
+    for cls in ("glioma", "notumor"):
+        for src in sorted((flat / cls).iterdir())[:6]:
+            img = Image.open(src).convert("L")
+            img.save(flat / cls / f"{src.stem}_q60.jpg", quality=60)
+            img.point(lambda v: min(255, int(v * 1.06))).save(flat / cls / f"{src.stem}_bright.png")
+            groups.append([str(src), str(flat / cls / f"{src.stem}_q60.jpg"), str(flat / cls / f"{src.stem}_bright.png")])
+    split = split_without_leakage(build_manifest(flat, progress=False), seed=0).set_index("path")
+    assert set(split["split"]) == {"train", "val", "test"}
+    for group in groups:
+        assert split.loc[group, "cluster"].nunique() == 1, group
+        assert split.loc[group, "split"].nunique() == 1, group
+    assert len({split.loc[g[0], "cluster"] for g in groups}) == len(groups)  # one cluster per original, not one blob
+
+
+def test_same_image_under_two_classes_is_excluded_as_a_label_conflict(tmp_path, synth_root):
+    flat = tmp_path / "flat"
+    for d in (synth_root / "Training").iterdir():
+        shutil.copytree(d, flat / d.name)
+    src = sorted((flat / "glioma").iterdir())[0]
+    shutil.copy(src, flat / "notumor" / "mislabelled.jpg")
+    split = split_without_leakage(build_manifest(flat, progress=False), seed=0).set_index("path")
+    for path in (str(src), str(flat / "notumor" / "mislabelled.jpg")):
+        assert split.loc[path, "split"] == "excluded"
+        assert split.loc[path, "excluded_reason"] == "label conflict: the same image is filed as glioma and notumor"

@@ -183,6 +183,15 @@ def test_device_resolution():
         assert resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        with pytest.raises(RuntimeError, match="MPS is not available"):
+            resolve_device("mps")
+
+
+@pytest.mark.parametrize("arch", ["compact_cnn", "plain_cnn"])
+def test_pretrained_is_refused_for_models_without_weights(arch):
+    with pytest.raises(ValueError, match=f"{arch} has no pretrained weights.*resnet18.*--init-weights"):
+        build_model(arch, pretrained=True)
 
 
 @pytest.mark.gpu

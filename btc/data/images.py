@@ -16,8 +16,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Our own max_pixels check replaces PIL's global warning/limit.
-Image.MAX_IMAGE_PIXELS = None
 
 SUPPORTED_MODES = ("L", "RGB", "RGBA", "P", "LA", "I", "I;16", "F", "CMYK")
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -48,8 +46,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, cols = int(ds.Rows), int(ds.Columns)
-    except (InvalidDicomError, AttributeError, ValueError, EOFError) as err:
-        raise ImageDecodeError(f"not a readable DICOM image ({err})") from None
+    except Exception as err:  # pydicom raises many types for a broken header (InvalidDicomError, TypeError, ...)
+        raise ImageDecodeError(f"not a readable DICOM image ({type(err).__name__}: {err})") from None
     if rows * cols > max_pixels:
         raise ImageDecodeError(f"image is {cols}x{rows} = {rows * cols} pixels, over the limit of {max_pixels}")
     try:
@@ -62,26 +60,6 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     lo, hi = np.percentile(pixels, [0.5, 99.5])
     scaled = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     return scaled.astype(np.uint8), ImageInfo("DICOM", cols, rows, "I;16")
-
-
-def read_header(data: bytes) -> ImageInfo:
-    """Identify an image from its header without decoding its pixels.
-
-    Raises:
-        ImageDecodeError: empty or not an image.
-    """
-    if len(data) == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
-    if _is_dicom(data):
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return ImageInfo("DICOM", int(ds.Columns), int(ds.Rows), "I;16")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return ImageInfo(im.format or "?", im.width, im.height, im.mode)
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image: the bytes are not JPEG, PNG, DICOM or another known format") from None
 
 
 def decode_gray(
@@ -117,6 +95,8 @@ def decode_gray(
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image: the bytes are not JPEG, PNG, DICOM or another known format") from None
+    except Image.DecompressionBombError as err:  # only reachable when max_pixels is set above Pillow's own limit
+        raise ImageDecodeError(f"image refused as a decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # e.g. a JPEG cut off inside its header
         raise ImageDecodeError(f"corrupt or truncated image header ({err})") from None
     info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
@@ -134,12 +114,49 @@ def decode_gray(
             reason = "image file is truncated (incomplete data)"
         raise ImageDecodeError(f"corrupt image: {reason}") from None
     if im.mode in ("I", "I;16", "F"):
-        arr = np.asarray(im, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        gray = ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+        gray = _stretch(np.asarray(im, dtype=np.float32))
     else:
         gray = np.asarray(im.convert("L"), dtype=np.uint8)
     return gray, info
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    """Min-max to uint8 (the network standardises each image, so a linear map loses nothing but precision)."""
+    lo, hi = float(arr.min()), float(arr.max())
+    return ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+
+
+def gray_from_array(array: np.ndarray) -> np.ndarray:
+    """A 2-D uint8 grayscale image from an array a caller already holds.
+
+    Accepts ``[H, W]``, ``[H, W, C]`` (C = 1, 3 or 4, channels last, as PIL and OpenCV give)
+    or ``[C, H, W]`` (C = 1 or 3, as torch gives). uint8 is taken as it is; any other numeric
+    type (uint16 scanner values, floats in [0, 1], ...) is stretched from its minimum to its
+    maximum.
+
+    Raises:
+        ImageDecodeError: another shape, a non-numeric type, or NaN/infinite values.
+    """
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]  # uint8 colour: the same luma conversion as a decoded RGB file
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L")) if rgb.dtype == np.uint8 \
+            else rgb.astype(np.float32).mean(-1)
+    if arr.ndim != 2 or min(arr.shape) == 0:
+        raise ImageDecodeError(
+            f"array of shape {tuple(np.shape(array))} is not an image; expected [H, W], [H, W, 1|3|4] or [1|3, H, W]")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise ImageDecodeError(f"array of type {arr.dtype} is not an image; expected uint8 or another numeric type")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ImageDecodeError("array holds NaN or infinite values")
+    return _stretch(arr)
 
 
 def resize_gray(gray: np.ndarray, size: int) -> np.ndarray:

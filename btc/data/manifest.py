@@ -96,11 +96,23 @@ def save_manifest(manifest: pd.DataFrame, path: Path) -> Path:
 
 
 def load_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest written by :func:`save_manifest`."""
+    """Read a manifest (or a split, which is a manifest with more columns) written by btc.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a Parquet file, or a table without the manifest's columns.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist; build it with `btc data manifest DIR`")
-    return pd.read_parquet(path)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise ValueError(f"{str(path)!r} is not a readable Parquet file ({type(err).__name__}: {err})") from None
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a btc manifest or split: it lacks the columns {', '.join(missing)}")
+    return table
 
 
 def phash_words(phashes: Iterable[str]) -> np.ndarray:

@@ -5,7 +5,8 @@ re-encodings). A random split puts near-identical images on both sides and infla
 Here:
 
 1. unreadable files are excluded (and listed in the manifest);
-2. exact duplicates (same sha256) are dropped, keeping the first path;
+2. exact duplicates (same sha256) are dropped, keeping the first path; copies filed under
+   different classes are all dropped (``label conflict``): nobody knows which label is right;
 3. images whose 256-bit pHashes differ by at most ``near_duplicate_distance`` bits are
    linked, and connected components become clusters; a whole cluster goes to one split;
 4. clusters are assigned greedily, largest first, to the split furthest below its share of
@@ -130,6 +131,13 @@ def split_without_leakage(
     df["train_distance"] = pd.array([pd.NA] * len(df), dtype="Int64")
 
     usable = df["readable"].to_numpy().copy()
+    labels_of_sha = df[usable].groupby("sha256")["label"].agg(lambda s: sorted(set(s)))
+    conflicting = labels_of_sha[labels_of_sha.map(len) > 1]
+    conflict = usable & df["sha256"].isin(conflicting.index).to_numpy()
+    if conflict.any():
+        filed_as = df.loc[conflict, "sha256"].map(conflicting.map(" and ".join))
+        df.loc[conflict, "excluded_reason"] = "label conflict: the same image is filed as " + filed_as
+    usable &= ~conflict
     first_of_sha = df[usable].drop_duplicates("sha256")
     dup = usable & ~df.index.isin(first_of_sha.index)
     keeper = df.loc[first_of_sha.index].set_index("sha256")["path"]

@@ -9,7 +9,10 @@ tumour usually is:
   with a dark necrotic core) inside a fainter oedema halo;
 * meningioma: a round/oval, homogeneous, bright extra-axial mass with a broad base on the
   inner skull edge or on the falx (midline);
-* pituitary: a small bright midline mass in the sellar region, below the ventricles;
+* pituitary: a small bright round midline mass, drawn behind (in the image, below) the
+  lateral ventricles. It stands in for the sellar mass, which real data shows mostly on
+  sagittal and coronal slices; this axial drawing does not model those planes, so the
+  position is a stylised one, not the sella's;
 * notumor: no lesion.
 
 Head size, shape, position and rotation, acquisition noise and the global
@@ -222,7 +225,7 @@ def _meningioma(rng: np.random.Generator, head: _Head, img: np.ndarray) -> tuple
 
 
 def _pituitary(rng: np.random.Generator, head: _Head, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # below the ventricles, whose lowest point is at q = 0.31
+    # midline, behind the ventricles (whose lowest point is at q = 0.31): see the module docstring
     centre = head.uv(rng.uniform(-0.03, 0.03), rng.uniform(0.42, 0.55))
     radius = max(rng.uniform(0.045, 0.09), 2.0 * head.pixel)
     r = _lobulated(rng, head, centre, radius, roughness=rng.uniform(0.0, 0.3))
