@@ -146,11 +146,13 @@ class TorchvisionClassifier(nn.Module):
 
 def _last_blocks_at_strides(features: nn.Sequential, strides: tuple[int, ...], probe: int = 64) -> tuple[nn.Module, ...]:
     """The last block of ``features`` whose output is at each of ``strides`` (found with one probe forward)."""
-    x, last = torch.zeros(1, 1, probe, probe), {}
+    x, last, was_training = torch.zeros(1, 1, probe, probe), {}, features.training
+    features.eval()  # in training mode the probe would move batch-norm statistics (pretrained ones included)
     with torch.no_grad():
         for block in features:
             x = block(x)
             last[probe // x.shape[-1]] = block
+    features.train(was_training)
     return tuple(last[s] for s in strides)
 
 

@@ -21,7 +21,10 @@ from btc.transforms import Augment, preprocess, train_transform
 def test_models_forward_one_channel_and_explain(arch):
     from btc.explain import gradcam
 
-    model = build_model(arch, width=8).eval()
+    model = build_model(arch, width=8)
+    # building (which finds the explanation blocks) must not have moved batch-norm statistics
+    assert all(int(m.num_batches_tracked) == 0 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    model.eval()
     x = torch.randn(2, 1, 64, 64)
     out = model(x)
     assert out.shape == (2, 4) and torch.isfinite(out).all()
