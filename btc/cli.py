@@ -129,7 +129,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="maximum epochs")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="torchvision ImageNet weights (internet)")] = False,
     init_weights: Annotated[Optional[Path], typer.Option(help="offline weights (state_dict .pt)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from <out>/last.pt")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from <out>/last.pt, with <out>/config.yaml unless -c")] = False,
     evaluate: Annotated[bool, typer.Option(help="evaluate on the test split afterwards")] = True,
     track: Annotated[bool, typer.Option("--track/--no-track", help="log the run and model to MLflow")] = True,
 ):
@@ -144,7 +144,7 @@ def train(
     if resume and (out is None or not (out / "last.pt").is_file()):
         raise fail("--resume continues a run from its last.pt; pass --out RUN_DIR of that run" if out is None
                    else f"--resume: no last.pt in {str(out)!r} to continue from")
-    cfg = _config(config, overrides)
+    cfg = _config(config, overrides, out / "config.yaml" if resume else None)
     split = prepare_split(data, cfg)
     run_dir = out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S")
     if track:
@@ -205,8 +205,9 @@ def evaluate(
     set_: SetOpt = None,
 ):
     """Evaluate a model: accuracy, per-class P/R/F1, ROC-AUC, ECE before/after temperature, plots."""
-    cfg = _config(config, set_)
-    out_dir = out or (Path(model).parent / "evaluation" if not model.startswith(("models:/", "runs:/")) else Path("evaluation"))
+    local = not model.startswith(("models:/", "runs:/"))
+    cfg = _config(config, set_, Path(model).parent / "config.yaml" if local else None)
+    out_dir = out or (Path(model).parent / "evaluation" if local else Path("evaluation"))
     _evaluate(model, data, None if split == "all" else split, out_dir, json_path, cfg)
 
 
@@ -247,7 +248,7 @@ def explain(
     model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI")],
     out: Annotated[Path, typer.Option(help="folder for heatmap.png and overlay.png")] = Path("explanation"),
 ):
-    """Grad-CAM heatmap and overlay PNG for one image."""
+    """LayerCAM heatmap (Grad-CAM family) and overlay PNG for one image."""
     import numpy as np
     from PIL import Image
 

@@ -13,10 +13,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def config_or_fail(config: Path | None, overrides: list[str] | None):
-    """The config from a YAML file and overrides, or exit 2 with the reason."""
+def config_or_fail(config: Path | None, overrides: list[str] | None, run_config: Path | None = None):
+    """The config from a YAML file and overrides, or exit 2 with the reason.
+
+    ``run_config``: without ``--config``, start from this file if it exists (the config.yaml of
+    the run being resumed or evaluated), so the run keeps the settings it was made with.
+    """
     from btc.config import ConfigError, load_config
 
+    if config is None and run_config is not None and run_config.is_file():
+        config = run_config
     try:
         return load_config(config, overrides or [])
     except ConfigError as err:

@@ -1,4 +1,4 @@
-"""How well Grad-CAM points at lesions, on synthetic data whose lesion boxes are known."""
+"""How well the heatmaps (LayerCAM, btc.explain) point at lesions, on synthetic data whose lesion boxes are known."""
 
 from __future__ import annotations
 

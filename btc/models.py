@@ -132,6 +132,7 @@ class TorchvisionClassifier(nn.Module):
             self.cams = _last_blocks_at_strides(net.features, (8, 16))
         self.backbone = net
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        self.register_load_state_dict_pre_hook(_drop_old_cam_copy)
 
     @property
     def cam_layers(self) -> tuple[nn.Module, ...]:
@@ -142,6 +143,13 @@ class TorchvisionClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _drop_old_cam_copy(module, state_dict, prefix, *_):
+    """Files saved up to commit e6b6a26 also hold the explanation block under ``cam.``: a second
+    copy of backbone weights. Dropping it lets those files load."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}cam.")]:
+        del state_dict[key]
 
 
 def _last_blocks_at_strides(features: nn.Sequential, strides: tuple[int, ...], probe: int = 64) -> tuple[nn.Module, ...]:

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from btc.checkpoint import ModelSpec, load_model
-from btc.data.images import decode_gray, gray_from_array, resize_gray
+from btc.data.images import gray_of, resize_gray
 from btc.transforms import preprocess
 
 ImageLike = np.ndarray | Image.Image | bytes | str | Path
@@ -76,13 +76,7 @@ class Predictor:
 
     def to_array(self, image: ImageLike) -> np.ndarray:
         """Decode (if needed) and resize one image to the model's uint8 input."""
-        if isinstance(image, (bytes, str, Path)):
-            gray = decode_gray(image)[0]
-        elif isinstance(image, Image.Image):
-            gray = np.asarray(image.convert("L"), dtype=np.uint8)
-        else:
-            gray = gray_from_array(image)
-        return resize_gray(gray, self.image_size)
+        return resize_gray(gray_of(image), self.image_size)
 
     def batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.to_array(im) for im in images]))
@@ -125,7 +119,7 @@ class Predictor:
         return np.concatenate(probs), np.concatenate(embs)
 
     def explain(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Grad-CAM for one image: heatmap ``[S, S]`` in [0, 1], RGB overlay, and the prediction."""
+        """LayerCAM (Grad-CAM family) for one image: heatmap ``[S, S]`` in [0, 1], RGB overlay, and the prediction."""
         from btc.explain import gradcam, overlay
 
         arr = self.to_array(image)

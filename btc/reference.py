@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from btc.data.images import decode_gray
+from btc.data.images import gray_of
 from btc.data.stats import image_statistics
 
 REFERENCE_FORMAT = "btc-monitoring-reference/1"
@@ -54,18 +53,6 @@ def probability_entropy(probabilities: np.ndarray) -> np.ndarray:
     p = np.asarray(probabilities, dtype=np.float64)
     terms = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
     return -terms.sum(axis=-1) + 0.0  # + 0.0: a certain answer is 0.0, not -0.0
-
-
-def grayscale(image) -> np.ndarray:
-    """An upload (bytes, path, PIL image or array) as a 2-D uint8 array at its original size."""
-    if isinstance(image, (bytes, str, Path)):
-        return decode_gray(image)[0]
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("L"), dtype=np.uint8)
-    gray = np.asarray(image)
-    if gray.ndim == 3:
-        gray = gray[..., :3].mean(-1) if gray.shape[-1] in (3, 4) else gray[0]
-    return gray if gray.dtype == np.uint8 else np.clip(gray, 0, 255).astype(np.uint8)
 
 
 def log_records(predictor, images: Sequence, *, ts: datetime | Sequence[datetime] | None = None,
@@ -94,7 +81,7 @@ def log_records(predictor, images: Sequence, *, ts: datetime | Sequence[datetime
         raise ValueError(f"{n} images but {len(stamps)} timestamps and {len(flags)} ood flags; expected one per image")
     records = []
     for start in range(0, n, batch_size):
-        grays = [grayscale(im) for im in images[start:start + batch_size]]
+        grays = [gray_of(im) for im in images[start:start + batch_size]]
         probs, embeddings = predictor.proba_and_embed(grays, batch_size=batch_size)
         records += [prediction_record(predictor, gray, p, e, ts=stamps[start + i], ood=flags[start + i])
                     for i, (gray, p, e) in enumerate(zip(grays, probs, embeddings))]

@@ -119,6 +119,17 @@ def save_checkpoint(path: Path, **state) -> Path:
     return path
 
 
+def check_resumable(state: dict | Path, epochs: int, where: Path | None = None) -> None:
+    """Refuse to resume a ``last.pt`` (or its loaded ``state``) with another epoch count: the
+    one-cycle learning-rate schedule is planned over the run's own epochs."""
+    if isinstance(state, Path):
+        where, state = state, torch.load(state, map_location="cpu", weights_only=False)
+    saved = state.get("epochs", epochs)
+    if saved != epochs:
+        raise ValueError(f"{where} was saved by a run of {saved} epochs, and its learning-rate schedule is planned "
+                         f"over them; resume it with epochs={saved}, not {epochs}")
+
+
 def fit(
     model: nn.Module,
     train_batches: Batches,
@@ -160,9 +171,8 @@ def fit(
     last = checkpoint_dir / "last.pt"
     if resume and last.is_file():
         state = torch.load(last, map_location=device, weights_only=False)
-        if scheduler is not None and state.get("epochs", epochs) != epochs:
-            raise ValueError(f"{last} was saved by a run of {state['epochs']} epochs, and its learning-rate schedule "
-                             f"is planned over them; resume it with epochs={state['epochs']}, not {epochs}")
+        if scheduler is not None:
+            check_resumable(state, epochs, last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):

@@ -25,7 +25,7 @@ from btc.data.loaders import ArrayBatches
 from btc.labels import CLASSES
 from btc.metrics import fit_temperature
 from btc.models import build_model
-from btc.train import fit, predict_logits, resolve_device
+from btc.train import check_resumable, fit, predict_logits, resolve_device
 from btc.transforms import Augment
 
 
@@ -88,6 +88,8 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    if resume and (out_dir / "last.pt").is_file():
+        check_resumable(out_dir / "last.pt", cfg.train.epochs)  # before this run's config replaces the saved one
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     split.to_parquet(out_dir / "split.parquet", index=False)

@@ -30,7 +30,7 @@ restart; no rebuild. The cost: the container needs ``MLFLOW_TRACKING_URI`` (or a
 
 Endpoints: ``POST /predict`` (field ``image``), ``POST /predict_batch`` (field ``images``,
 repeated; one bad file gets its own error entry, the others are still answered),
-``POST /explain`` (Grad-CAM overlay PNG), ``GET /metadata``; BentoML's ``/livez``,
+``POST /explain`` (LayerCAM overlay PNG), ``GET /metadata``; BentoML's ``/livez``,
 ``/readyz`` and ``/metrics``. See ``docs/serving.md``.
 """
 
@@ -198,7 +198,7 @@ class BrainTumorClassifier:
 
     @bentoml.api
     async def explain(self, image: Path) -> Annotated[Path, ContentType("image/png")]:
-        """Grad-CAM overlay (PNG) of the predicted class for one image; the prediction is in the headers."""
+        """LayerCAM overlay (PNG) of the predicted class for one image; the prediction is in the headers."""
         try:
             upload = (await self._read([image]))[0]
         except logic.UploadError as err:

@@ -71,6 +71,12 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     res = invoke("evaluate", "--model", model, "--json", tmp_path / "m.json", "--out", tmp_path / "ev")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ev" / "config.yaml").is_file()
+    res = invoke("train", synth_root, "--out", run, "--resume", "--epochs", 5, "--no-track")
+    assert res.exit_code == 2 and "resume it with epochs=2, not 5" in res.output
+    assert "epochs: 2" in (run / "config.yaml").read_text()  # the refused resume left the run as it was
+    res = invoke("train", synth_root, "--out", run, "--resume", "--no-evaluate", "--no-track")
+    assert res.exit_code == 0 and "best epoch" in res.output  # the run's own config: 2 epochs, 64 px, width 8
+    assert "image_size: 64" in (tmp_path / "ev" / "config.yaml").read_text()  # evaluation used the run's config
     res = invoke("evaluate", "--model", model, "--data", tmp_path / "missing.parquet")
     assert res.exit_code == 2 and "missing.parquet' does not exist" in res.output
     report = json.loads((tmp_path / "m.json").read_text())

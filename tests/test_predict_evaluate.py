@@ -55,6 +55,7 @@ def test_predict_proba_accepts_paths_bytes_arrays_and_pil(predictor, synth_split
     (np.zeros((2, 3, 4, 5), dtype=np.uint8), r"shape \(2, 3, 4, 5\) is not an image"),
     (np.zeros((0, 8), dtype=np.uint8), r"shape \(0, 8\) is not an image"),
     (np.zeros((8, 8), dtype=bool), "type bool is not an image"),
+    (np.zeros((8, 8, 3), dtype=bool), "type bool is not an image"),
     (np.full((8, 8), np.nan, dtype=np.float32), "NaN or infinite"),
 ])
 def test_predict_proba_names_what_is_wrong_with_an_array(predictor, array, reason):

@@ -33,6 +33,15 @@ def test_models_forward_one_channel_and_explain(arch):
     assert heat.shape == (2, 64, 64) and np.isfinite(heat).all() and pred.shape == (2,)
 
 
+def test_torchvision_model_files_from_before_layercam_still_load():
+    """Up to e6b6a26 the explanation block was registered twice, as backbone.layer4 and as cam."""
+    model = build_model("resnet18")
+    state = model.state_dict()
+    old = {**state, **{f"cam.{k[len('backbone.layer4.'):]}": v for k, v in state.items() if k.startswith("backbone.layer4.")}}
+    assert len(old) > len(state)
+    build_model("resnet18").load_state_dict(old)  # strict: no unexpected keys left
+
+
 def test_compact_cnn_depth_adds_blocks_and_survives_save_and_load(tmp_path):
     from btc.checkpoint import ModelSpec, load_model, save_model
 

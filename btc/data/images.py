@@ -41,7 +41,6 @@ def _is_dicom(data: bytes) -> bool:
 
 def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
@@ -126,6 +125,15 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
     return ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
 
 
+def gray_of(image: "bytes | str | Path | Image.Image | np.ndarray") -> np.ndarray:
+    """Any image a caller holds (file bytes, a path, a PIL image, an array) as 2-D uint8 at its own size."""
+    if isinstance(image, (bytes, str, Path)):
+        return decode_gray(image)[0]
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    return gray_from_array(image)
+
+
 def gray_from_array(array: np.ndarray) -> np.ndarray:
     """A 2-D uint8 grayscale image from an array a caller already holds.
 
@@ -138,6 +146,8 @@ def gray_from_array(array: np.ndarray) -> np.ndarray:
         ImageDecodeError: another shape, a non-numeric type, or NaN/infinite values.
     """
     arr = np.asarray(array)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise ImageDecodeError(f"array of type {arr.dtype} is not an image; expected uint8 or another numeric type")
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -151,8 +161,6 @@ def gray_from_array(array: np.ndarray) -> np.ndarray:
             f"array of shape {tuple(np.shape(array))} is not an image; expected [H, W], [H, W, 1|3|4] or [1|3, H, W]")
     if arr.dtype == np.uint8:
         return arr
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
-        raise ImageDecodeError(f"array of type {arr.dtype} is not an image; expected uint8 or another numeric type")
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
         raise ImageDecodeError("array holds NaN or infinite values")
