@@ -164,7 +164,8 @@ def train(
         track_training_run(cfg, result, split, report, run_dir / "evaluation")
 
 
-def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg) -> dict:
+def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg,
+              against: Path | None = None) -> dict:
     from btc.evaluate import rows_to_evaluate, summary_lines, write_report
     from btc.predict import Predictor
     from btc.reports import evaluation_artifacts, load_history
@@ -182,6 +183,7 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
         rows = rows_to_evaluate(table, split if "split" in table else ("test" if split else None))
     except ValueError as err:
         raise fail(str(err)) from None
+    rows = _flag_against_training(rows, model, against, cfg.data.near_duplicate_distance)
     history = load_history(Path(model)) if not model.startswith(("models:/", "runs:/")) else None
     report = evaluation_artifacts(predictor, rows, out_dir, history=history, n_bins=cfg.eval.ece_bins,
                                   gradcam_per_class=cfg.eval.gradcam_per_class, progress=True)
@@ -194,6 +196,26 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
     return report
 
 
+def _flag_against_training(rows, model: str, against: Path | None, max_distance: int):
+    """Images without near-duplicate flags (a folder): flag them against the model's training split."""
+    from btc.data.split import flag_near_duplicates
+
+    if "near_dup_in_train" in rows:
+        return rows
+    beside = Path(model).parent / "split.parquet"
+    if against is None and not model.startswith(("models:/", "runs:/")) and beside.is_file():
+        against = beside
+    if against is None:
+        return rows
+    try:
+        rows = flag_near_duplicates(rows, _manifest_or_fail(against), max_distance)
+    except ValueError as err:
+        raise fail(f"{against}: {err}") from None
+    typer.echo(f"{int(rows['near_dup_in_train'].sum())} of {len(rows)} images are within {max_distance} bits of a "
+               f"training image of {against} (near duplicates; left out of the clean subset)")
+    return rows
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI (models:/name@champion)")],
@@ -201,6 +223,9 @@ def evaluate(
     split: Annotated[str, typer.Option(help="which split of a split file to use ('all' for every readable image)")] = "test",
     out: Annotated[Optional[Path], typer.Option(help="folder for metrics.json and plots")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the metrics JSON here")] = None,
+    against: Annotated[Optional[Path], typer.Option(
+        help="for a folder: flag near duplicates of the model's training images from this split .parquet "
+             "(default: the split.parquet beside a model.pt)")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
@@ -208,7 +233,7 @@ def evaluate(
     local = not model.startswith(("models:/", "runs:/"))
     cfg = _config(config, set_, Path(model).parent / "config.yaml" if local else None)
     out_dir = out or (Path(model).parent / "evaluation" if local else Path("evaluation"))
-    _evaluate(model, data, None if split == "all" else split, out_dir, json_path, cfg)
+    _evaluate(model, data, None if split == "all" else split, out_dir, json_path, cfg, against)
 
 
 @app.command()

@@ -77,6 +77,22 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     res = invoke("train", synth_root, "--out", run, "--resume", "--no-evaluate", "--no-track")
     assert res.exit_code == 0 and "best epoch" in res.output  # the run's own config: 2 epochs, 64 px, width 8
     assert "image_size: 64" in (tmp_path / "ev" / "config.yaml").read_text()  # evaluation used the run's config
+    # A folder from elsewhere (as the held-out Kaggle Testing folder would be): one training image and one
+    # test image per class; the copies of training images are flagged against the run's split and left out.
+    import pandas as pd
+    import shutil
+
+    split = pd.read_parquet(run / "split.parquet")
+    for cls in ("glioma", "meningioma", "notumor", "pituitary"):
+        (tmp_path / "ext" / cls).mkdir(parents=True)
+        for name in ("train", "test"):
+            src = split.loc[(split["split"] == name) & (split["label"] == cls), "path"].iloc[0]
+            shutil.copy(src, tmp_path / "ext" / cls / f"{name}.jpg")
+    res = invoke("evaluate", "--model", model, "--data", tmp_path / "ext", "--json", tmp_path / "ext.json")
+    assert res.exit_code == 0, res.output
+    assert "4 of 8 images are within 40 bits of a training image" in res.output
+    ext = json.loads((tmp_path / "ext.json").read_text())
+    assert ext["n_images"] == 8 and ext["clean"]["n_images"] == 4 and ext["n_near_duplicates_of_train"] == 4
     res = invoke("evaluate", "--model", model, "--data", tmp_path / "missing.parquet")
     assert res.exit_code == 2 and "missing.parquet' does not exist" in res.output
     report = json.loads((tmp_path / "m.json").read_text())

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from btc.data.manifest import build_manifest, phash_words
-from btc.data.split import split_without_leakage
+from btc.data.split import flag_near_duplicates, split_without_leakage
 
 
 def _hamming(a: str, b: str) -> int:
@@ -108,3 +108,12 @@ def test_same_image_under_two_classes_is_excluded_as_a_label_conflict(tmp_path, 
     for path in (str(src), str(flat / "notumor" / "mislabelled.jpg")):
         assert split.loc[path, "split"] == "excluded"
         assert split.loc[path, "excluded_reason"] == "label conflict: the same image is filed as glioma and notumor"
+
+
+def test_images_from_elsewhere_are_flagged_against_the_training_split(synth_split):
+    test = synth_split[synth_split["split"] == "test"]
+    flagged = flag_near_duplicates(test.drop(columns=["train_distance", "near_dup_in_train"]), synth_split, 40)
+    assert list(flagged["train_distance"]) == list(test["train_distance"])
+    assert list(flagged["near_dup_in_train"]) == list(test["near_dup_in_train"])
+    train_copy = synth_split[synth_split["split"] == "train"].head(2)
+    assert list(flag_near_duplicates(train_copy, synth_split, 40)["train_distance"]) == [0, 0]

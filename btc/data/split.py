@@ -174,6 +174,22 @@ def _distances_to_training(df: pd.DataFrame, max_distance: int) -> None:
     df.loc[test, "near_dup_in_train"] = distance <= max_distance
 
 
+def flag_near_duplicates(rows: pd.DataFrame, split: pd.DataFrame, max_distance: int) -> pd.DataFrame:
+    """``rows`` from elsewhere (a held-out folder, say) with ``train_distance`` and ``near_dup_in_train``
+    measured against the train and validation images of ``split``, the split a model was trained on.
+
+    Evaluation then reports the clean subset and accuracy by distance for them too.
+    """
+    seen = split[split["split"].isin(["train", "val"])]
+    if seen.empty:
+        raise ValueError("the split has no train or val images to compare against")
+    out = rows.copy()
+    _, distance = nearest(phash_words(out["phash"]), phash_words(seen["phash"]))
+    out["train_distance"] = pd.array(distance, dtype="Int64")
+    out["near_dup_in_train"] = distance <= max_distance
+    return out
+
+
 def split_summary(split: pd.DataFrame) -> pd.DataFrame:
     """Counts per split and class (the table ``btc data split`` prints)."""
     return pd.crosstab(split["split"], split["label"], margins=True, margins_name="total")
