@@ -4,7 +4,9 @@
    once: a re-run re-uses it;
 2. runs the ``training-pipeline`` flow on it with ``flows/demo.yaml`` (small, fast, the real
    promotion gates), on Prefect's ephemeral server, with MLflow's SQLite store, the Prefect
-   home and the BentoML home all under ``.btc/``: nothing to start beforehand;
+   home and the BentoML home all under ``.btc/``: nothing to start beforehand; then checks
+   where the model's heatmaps point (the pointing game on the test tumour images, whose
+   lesion boxes the synthetic data knows);
 3. starts the BentoML service on the champion (``bentoml serve`` on 127.0.0.1, a free port),
    waits for ``/readyz``, asks it about one test image per class and one file that is not
    an image (answered 400), then sends the other test images as traffic;
@@ -168,6 +170,11 @@ def main() -> int:
     m = summary["metrics"]
     print(f"MLflow run {summary['run_id']}, version {summary['version']}: test accuracy {m['accuracy']:.3f}, "
           f"macro-F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f}\n{summary['decision']}")
+    from btc.explain_eval import pointing_game_on_folder
+
+    pg = pointing_game_on_folder(summary["paths"]["model"], data_dir, under="Testing")
+    print(f"explanations: the heatmap's peak falls inside the lesion box on {pg['pointing_game']:.0%} of "
+          f"{pg['n_images']} test tumour images (a random point: {pg['chance']:.1%}; `btc pointing-game`)")
     champion = champion_version()
     if champion is None:
         print("no model has passed the promotion gates yet, so there is nothing to serve; "

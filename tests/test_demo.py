@@ -38,6 +38,8 @@ def test_the_demo_runs_end_to_end_on_a_fresh_copy(tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "PROMOTED: champion -> v1" in out
+    pointing = re.search(r"peak falls inside the lesion box on (\d+)% of 120 test tumour images \(a random point: ([\d.]+)%", out)
+    assert pointing and int(pointing.group(1)) > 10 * float(pointing.group(2)), out[-4000:]
     for label in ("glioma", "meningioma", "notumor", "pituitary"):
         assert re.search(rf"POST /predict {label}/\S+ +-> HTTP 200: \w+ \(", out), label
     assert re.search(r"POST /predict not-an-image\.jpg +-> HTTP 400: refused: not-an-image\.jpg: .*not an image", out)
