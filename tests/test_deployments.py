@@ -78,9 +78,15 @@ def answers(url: str) -> bool:
     return response is not None and response.status_code == 200
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def prefect_api(tmp_path_factory):
-    """``prefect server start`` on a free port; yields the base environment for Prefect subprocesses."""
+    """``prefect server start`` on a free port; yields the base environment for Prefect subprocesses.
+
+    One server per test: with one server for both, a run of the served deployment once crashed
+    loading its code from a deployment record with no path ("No such file or directory:
+    '<repo>/None'"), as only the first test's ``prefect.yaml`` deployments of the same names
+    have; it passed on a re-run. Separate servers keep the tests from seeing each other's records.
+    """
     home = tmp_path_factory.mktemp("prefect_server")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -115,9 +121,9 @@ def test_prefect_yaml_deploys_to_a_process_pool(prefect_api):
             response = get(f"{api}/deployments/name/{name}")
             assert response is not None and response.status_code == 200, f"{name} was not deployed:\n{deployed.stdout}"
             found[name] = response.json()
-    finally:  # flows.serve (the next test) must create its own deployments of the same names
+    finally:  # leave the server as the test found it
         for deployment in found.values():
-            httpx.delete(f"{api}/deployments/{deployment['id']}", timeout=10)
+            assert httpx.delete(f"{api}/deployments/{deployment['id']}", timeout=10).is_success
     assert all(d["work_pool_name"] == "btc-pool" for d in found.values())
     assert found["training-pipeline/retrain"]["parameters"]["data_dir"] == "data"
     assert found["training-pipeline/retrain"]["global_concurrency_limit"]["limit"] == 1
