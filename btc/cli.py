@@ -167,7 +167,7 @@ def train(
 def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg,
               against: Path | None = None) -> dict:
     from btc.evaluate import rows_to_evaluate, summary_lines, write_report
-    from btc.predict import Predictor
+    from btc.predict import Predictor, is_mlflow_uri
     from btc.reports import evaluation_artifacts, load_history
 
     try:
@@ -184,7 +184,7 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
     except ValueError as err:
         raise fail(str(err)) from None
     rows = _flag_against_training(rows, model, against, cfg.data.near_duplicate_distance)
-    history = load_history(Path(model)) if not model.startswith(("models:/", "runs:/")) else None
+    history = None if is_mlflow_uri(model) else load_history(Path(model))
     report = evaluation_artifacts(predictor, rows, out_dir, history=history, n_bins=cfg.eval.ece_bins,
                                   gradcam_per_class=cfg.eval.gradcam_per_class, progress=True)
     cfg.save(out_dir / "config.yaml")
@@ -199,11 +199,12 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
 def _flag_against_training(rows, model: str, against: Path | None, max_distance: int):
     """Images without near-duplicate flags (a folder): flag them against the model's training split."""
     from btc.data.split import flag_near_duplicates
+    from btc.predict import is_mlflow_uri
 
     if "near_dup_in_train" in rows:
         return rows
     beside = Path(model).parent / "split.parquet"
-    if against is None and not model.startswith(("models:/", "runs:/")) and beside.is_file():
+    if against is None and not is_mlflow_uri(model) and beside.is_file():
         against = beside
     if against is None:
         return rows
@@ -230,7 +231,9 @@ def evaluate(
     set_: SetOpt = None,
 ):
     """Evaluate a model: accuracy, per-class P/R/F1, ROC-AUC, ECE before/after temperature, plots."""
-    local = not model.startswith(("models:/", "runs:/"))
+    from btc.predict import is_mlflow_uri
+
+    local = not is_mlflow_uri(model)
     cfg = _config(config, set_, Path(model).parent / "config.yaml" if local else None)
     out_dir = out or (Path(model).parent / "evaluation" if local else Path("evaluation"))
     _evaluate(model, data, None if split == "all" else split, out_dir, json_path, cfg, against)

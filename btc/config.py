@@ -39,9 +39,12 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _weights_exist(self) -> "ModelConfig":
-        if self.pretrained and self.arch in ("compact_cnn", "plain_cnn"):
-            raise ValueError(f"{self.arch} has no pretrained weights (it trains from scratch); pretrained needs a "
-                             "torchvision architecture (resnet18, ...) or pass init_weights / --init-weights PATH")
+        if self.pretrained:  # checked here too so the CLI says so before it scans any data
+            from btc.models import OWN_ARCHS  # imports torch: only when pretrained weights are asked for
+
+            if self.arch in OWN_ARCHS:
+                raise ValueError(f"{self.arch} has no pretrained weights (it trains from scratch); pretrained needs a "
+                                 "torchvision architecture (resnet18, ...) or pass init_weights / --init-weights PATH")
         return self
 
 

@@ -118,7 +118,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
     elif report.get("n_near_duplicates_of_train") is None:
         lines.append("clean subset unknown: these images carry no near-duplicate flags against the model's training "
-                     "data (evaluate the run's split.parquet, or a split made with it, to get them)")
+                     "data (evaluate the run's split.parquet, or pass --against SPLIT for a folder)")
     if report.get("by_train_distance"):
         lines.append(f"accuracy by bits to the nearest training image  {format_bands(report['by_train_distance'])}")
     for cls, m in report["per_class"].items():

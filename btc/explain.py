@@ -2,11 +2,12 @@
 
 The default map is LayerCAM (Jiang et al., 2021): each activation weighted by its own
 positive gradient, taken at the two blocks a model names in ``cam_layers`` (1/4 to 1/16 of
-the input resolution), each smoothed over 3 x 3 positions, normalised to [0, 1] and averaged. Classic Grad-CAM (channel-mean
-gradients) on a network's last block gives a 3 x 3 or 4 x 4 map whose peak cannot fall on a
-small lesion: on the synthetic demo its peak fell inside none of the 120 test lesion boxes,
-which cover 1.6% of a slice (a random point's score); LayerCAM at these two blocks pointed inside it about
-65% of the time (``btc pointing-game``; numbers in the README).
+the input resolution), each smoothed over 3 x 3 positions, normalised to [0, 1] and
+averaged. Classic Grad-CAM (channel-mean gradients) on a network's last block gives a 3 x 3
+or 4 x 4 map whose peak cannot fall on a small lesion: on the synthetic demo its peak fell
+inside none of the 120 test lesion boxes, which cover 1.6% of a slice (a random point's
+score); LayerCAM at these two blocks pointed inside them 65% of the time
+(``btc pointing-game``; numbers in the README).
 """
 
 from __future__ import annotations

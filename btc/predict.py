@@ -22,6 +22,11 @@ from btc.transforms import preprocess
 ImageLike = np.ndarray | Image.Image | bytes | str | Path
 
 
+def is_mlflow_uri(source: str | Path) -> bool:
+    """``models:/…`` or ``runs:/…`` (an MLflow model), as opposed to a ``model.pt`` path."""
+    return str(source).startswith(("models:/", "runs:/"))
+
+
 class InferenceModule(nn.Module):
     """Model + preprocessing + temperature-scaled softmax: uint8 ``[B, H, W]`` in, probabilities out.
 
@@ -64,7 +69,7 @@ class Predictor:
     def load(cls, source: str | Path, device: str = "cpu") -> "Predictor":
         """From a ``model.pt`` path or an MLflow model URI (``models:/…``, ``runs:/…``)."""
         text = str(source)
-        if text.startswith(("models:/", "runs:/")):
+        if is_mlflow_uri(text):
             from btc.tracking.model_io import load_predictor
 
             return load_predictor(text, device)

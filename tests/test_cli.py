@@ -93,6 +93,8 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     assert "4 of 8 images are within 40 bits of a training image" in res.output
     ext = json.loads((tmp_path / "ext.json").read_text())
     assert ext["n_images"] == 8 and ext["clean"]["n_images"] == 4 and ext["n_near_duplicates_of_train"] == 4
+    res = invoke("evaluate", "--model", model, "--data", tmp_path / "ext", "--against", tmp_path / "ext")
+    assert res.exit_code == 2 and "not a split (no 'split' column)" in res.output
     res = invoke("evaluate", "--model", model, "--data", tmp_path / "missing.parquet")
     assert res.exit_code == 2 and "missing.parquet' does not exist" in res.output
     report = json.loads((tmp_path / "m.json").read_text())

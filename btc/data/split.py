@@ -165,13 +165,12 @@ def split_without_leakage(
 
 def _distances_to_training(df: pd.DataFrame, max_distance: int) -> None:
     """``train_distance``: bits from each test image to the nearest train/val image; a near duplicate at or under ``max_distance``."""
-    test = df.index[df["split"] == "test"]
-    seen = df.index[df["split"].isin(["train", "val"])]
-    if len(test) == 0 or len(seen) == 0:
+    test = df["split"] == "test"
+    if not test.any() or not df["split"].isin(["train", "val"]).any():
         return
-    _, distance = nearest(phash_words(df.loc[test, "phash"]), phash_words(df.loc[seen, "phash"]))
-    df.loc[test, "train_distance"] = distance
-    df.loc[test, "near_dup_in_train"] = distance <= max_distance
+    flagged = flag_near_duplicates(df[test], df, max_distance)
+    df.loc[test, "train_distance"] = flagged["train_distance"]
+    df.loc[test, "near_dup_in_train"] = flagged["near_dup_in_train"]
 
 
 def flag_near_duplicates(rows: pd.DataFrame, split: pd.DataFrame, max_distance: int) -> pd.DataFrame:
@@ -180,6 +179,8 @@ def flag_near_duplicates(rows: pd.DataFrame, split: pd.DataFrame, max_distance: 
 
     Evaluation then reports the clean subset and accuracy by distance for them too.
     """
+    if "split" not in split:
+        raise ValueError("not a split (no 'split' column): pass the split.parquet the model was trained on")
     seen = split[split["split"].isin(["train", "val"])]
     if seen.empty:
         raise ValueError("the split has no train or val images to compare against")
