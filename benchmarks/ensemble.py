@@ -24,8 +24,8 @@ from sklearn.metrics import f1_score
 
 from btc.data.cache import decode_all
 from btc.evaluate import rows_to_evaluate
-from btc.labels import CLASSES
 from btc.predict import Predictor
+from btc.training import labels_of
 
 
 def shared_split(runs: list[Path]) -> pd.DataFrame:
@@ -33,8 +33,9 @@ def shared_split(runs: list[Path]) -> pd.DataFrame:
     splits = [pd.read_parquet(run / "split.parquet") for run in runs]
     # by content, not path: the same images may be named relative to different folders
     key = lambda s: s.sort_values(["sha256", "split"])[["sha256", "split"]].reset_index(drop=True)  # noqa: E731
+    first = key(splits[0])
     for run, split in zip(runs[1:], splits[1:]):
-        if not key(split).equals(key(splits[0])):
+        if not key(split).equals(first):
             raise SystemExit(f"{run} was trained on another split than {runs[0]}; averaging needs one split")
     return splits[0]
 
@@ -50,7 +51,7 @@ def main() -> None:
     if len({run.resolve() for run in args.runs}) < len(args.runs):
         raise SystemExit("a run folder is given twice; each model should count once")
     rows = rows_to_evaluate(shared_split(args.runs), "val")
-    y = rows["label"].map(CLASSES.index).to_numpy()
+    y = labels_of(rows)
     probs, images = {}, {}
     for run in args.runs:
         predictor = Predictor.load(run / "model.pt")
