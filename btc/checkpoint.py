@@ -67,9 +67,14 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         raise ValueError(f"{str(path)!r} is not a readable btc model file ({err})") from None
     if not isinstance(blob, dict) or blob.get("format") != "btc-model/1":
         raise ValueError(f"{str(path)!r} is not a btc model file (expected format btc-model/1, e.g. runs/<run>/model.pt)")
-    spec_dict = dict(blob["spec"])
-    spec_dict["classes"] = tuple(spec_dict["classes"])
-    spec = ModelSpec(**spec_dict)
-    model = spec.build()
-    model.load_state_dict(blob["state_dict"])
+    try:
+        spec_dict = dict(blob["spec"])
+        spec_dict["classes"] = tuple(spec_dict["classes"])
+        spec = ModelSpec(**spec_dict)
+        model = spec.build()
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a missing or extra key, weights of another shape
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{str(path)!r} is not a usable btc model file: its spec and weights do not fit together "
+                         f"({type(err).__name__}: {first})") from None
     return model.to(device).eval(), spec

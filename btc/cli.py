@@ -35,7 +35,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 
 
 from btc.cli_common import config_or_fail as _config  # noqa: E402
-from btc.cli_common import fail  # noqa: E402
+from btc.cli_common import fail, writable_file, writable_folder  # noqa: E402
 
 
 @data_app.command("synth")
@@ -48,11 +48,16 @@ def data_synth(
     """Generate a synthetic MRI dataset (Training/ and Testing/ class folders, lesions.csv)."""
     from btc.data.synth import generate_synthetic_dataset
 
+    writable_folder(out)
     try:
         root = generate_synthetic_dataset(out, per_class=per_class, seed=seed, size=size)
     except ValueError as err:
         raise fail(str(err)) from None
     typer.echo(f"wrote {per_class} images per class to {root} (lesion boxes: {root / 'lesions.csv'})")
+    others = sum(1 for _ in root.rglob("*.jpg")) - per_class * 4
+    if others > 0:
+        typer.secho(f"{others} other .jpg files were already under {root} and are still there (not in lesions.csv); "
+                    "write into an empty folder for a dataset of only these images", fg=typer.colors.YELLOW, err=True)
 
 
 def _manifest_or_fail(data: Path):
@@ -78,6 +83,7 @@ def data_manifest(
     """Build the manifest: one row per image with size, mode, hashes and readability."""
     from btc.data.manifest import manifest_digest, save_manifest
 
+    writable_file(out)
     manifest = _manifest_or_fail(data)
     save_manifest(manifest, out)
     typer.echo(f"{len(manifest)} files ({int((~manifest['readable']).sum())} unreadable), "
@@ -96,10 +102,14 @@ def data_split(
     from btc.data.split import split_summary, split_without_leakage
 
     cfg = _config(config, set_)
+    writable_file(out)
     manifest = _manifest_or_fail(data)
     d = cfg.data
-    split = split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                                  near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    try:
+        split = split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                      near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    except ValueError as err:
+        raise fail(str(err)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     split.to_parquet(out, index=False)
     cfg.save(out.with_name(f"{out.stem}.config.yaml"))
@@ -115,8 +125,11 @@ def prepare_split(data: Path, cfg):
     if "split" in manifest:
         return manifest
     d = cfg.data
-    return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                                 near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    try:
+        return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                     near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    except ValueError as err:
+        raise fail(str(err)) from None
 
 
 @app.command()
@@ -145,8 +158,8 @@ def train(
         raise fail("--resume continues a run from its last.pt; pass --out RUN_DIR of that run" if out is None
                    else f"--resume: no last.pt in {str(out)!r} to continue from")
     cfg = _config(config, overrides, out / "config.yaml" if resume else None)
+    run_dir = writable_folder(out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S"), "run folder")
     split = prepare_split(data, cfg)
-    run_dir = out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S")
     if track:
         check_tracking()  # fail before training, not after
     try:
@@ -174,6 +187,9 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
         predictor = Predictor.load(model)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
+    writable_folder(out_dir, "evaluation folder")
+    if json_path:
+        writable_file(json_path, "--json file")
     if data is None:
         data = Path(model).parent / "split.parquet"
         if not data.is_file():
@@ -285,8 +301,12 @@ def explain(
 
     try:
         predictor = Predictor.load(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    writable_folder(out)
+    try:
         heat, over, result = predictor.explain(image.read_bytes())
-    except (FileNotFoundError, ValueError, ImageDecodeError, OSError) as err:
+    except (ValueError, ImageDecodeError, OSError) as err:
         raise fail(f"{image}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     stem = image.stem

@@ -38,8 +38,11 @@ def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) ->
     if not split:
         return manifest
     d = data_config
-    return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                                 near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    try:
+        return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                     near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+    except ValueError as err:  # no usable image at all, or a class with none
+        raise _error(f"{data_dir} cannot be split: {err}", 1) from None
 
 
 def _dataset_summary(frame: pd.DataFrame) -> list[str]:

@@ -10,12 +10,15 @@ point at a lesion of a few millimetres (see ``btc.explain``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from btc.labels import CLASSES
+
+log = logging.getLogger(__name__)
 
 ARCHS = ("compact_cnn", "plain_cnn", "resnet18", "resnet34", "efficientnet_b0", "mobilenet_v3_small")
 OWN_ARCHS = ("compact_cnn", "plain_cnn")  # defined here; the others are torchvision's
@@ -213,11 +216,28 @@ def build_model(
 
 
 def load_init_weights(model: nn.Module, path: Path) -> list[str]:
-    """Load matching tensors of a state_dict file into ``model``; returns the keys skipped."""
+    """Load the matching tensors of a weights file into ``model``; returns the keys skipped.
+
+    The file may hold a plain ``state_dict``, or one under ``"model"`` (btc's ``best.pt``) or
+    ``"state_dict"`` (btc's ``model.pt``). RGB first-layer filters are summed into one channel.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a weights file, or fewer than half of the model's weight tensors match
+            (weights of another architecture); the message says which.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"--init-weights file {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError, ... for a file that is not one
+        raise ValueError(f"--init-weights file {str(path)!r} is not a PyTorch weights file ({type(err).__name__}: {err})"
+                         ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init-weights file {str(path)!r} holds a {type(state).__name__}, not a state_dict of tensors")
     own = model.state_dict()
     prefixed = {k if k in own else f"backbone.{k}": v for k, v in state.items()}
     usable, skipped = {}, []
@@ -225,7 +245,15 @@ def load_init_weights(model: nn.Module, path: Path) -> list[str]:
         if k in own and v.ndim == 4 and v.shape[1] == 3 and own[k].shape[1] == 1:
             v = v.sum(dim=1, keepdim=True)
         (usable.__setitem__(k, v) if k in own and own[k].shape == v.shape else skipped.append(k))
-    if not usable:
-        raise ValueError(f"no tensor of {str(path)!r} matches the model; is it for another architecture?")
+    weights = [k for k, _ in model.named_parameters()]
+    loaded = sum(k in usable for k in weights)
+    if loaded < len(weights) / 2:
+        raise ValueError(f"--init-weights file {str(path)!r} matches only {loaded} of the model's {len(weights)} weight "
+                         f"tensors by name and shape; is it for another architecture?")
     model.load_state_dict(usable, strict=False)
+    missing = [k for k in weights if k not in usable]
+    if missing:
+        log.warning("--init-weights %s: loaded %d of %d weight tensors; left as initialised (absent or of another "
+                    "shape in the file): %s", path, loaded, len(weights),
+                    ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
     return skipped

@@ -5,6 +5,7 @@ Nothing here knows about Prefect, MLflow or BentoML; callers log what these retu
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -119,11 +120,29 @@ def save_checkpoint(path: Path, **state) -> Path:
     return path
 
 
+def load_last(path: Path) -> dict:
+    """A ``last.pt`` written by :func:`fit`, on the CPU (its RNG state must stay there).
+
+    Raises:
+        ValueError: the file is not a readable resume checkpoint; the message names it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError (zip), EOFError, ValueError, ...
+        raise ValueError(f"cannot resume from {str(path)!r}: not a readable checkpoint ({type(err).__name__}: {err})"
+                         ) from None
+    missing = [k for k in ("model", "optimizer", "history", "best", "since_best", "torch_rng")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"cannot resume from {str(path)!r}: not a btc training checkpoint (lacks {', '.join(missing)})")
+    return state
+
+
 def check_resumable(state: dict | Path, epochs: int, where: Path | None = None) -> None:
     """Refuse to resume a ``last.pt`` (or its loaded ``state``) with another epoch count: the
     one-cycle learning-rate schedule is planned over the run's own epochs."""
     if isinstance(state, Path):
-        where, state = state, torch.load(state, map_location="cpu", weights_only=False)
+        where, state = state, load_last(state)
     saved = state.get("epochs", epochs)
     if saved != epochs:
         raise ValueError(f"{where} was saved by a run of {saved} epochs, and its learning-rate schedule is planned "
@@ -170,7 +189,7 @@ def fit(
     best, since_best, start_epoch = -1.0, 0, 1
     last = checkpoint_dir / "last.pt"
     if resume and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
+        state = load_last(last)
         if scheduler is not None:
             check_resumable(state, epochs, last)
         model.load_state_dict(state["model"])
@@ -191,6 +210,10 @@ def fit(
                              scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}",
                              amp=amp)
         va = evaluate_batches(model, val_batches, device, loss_fn)
+        if not math.isfinite(va["loss"]):  # the weights broke (a skipped mixed-precision step alone does not)
+            raise ValueError(f"training diverged in epoch {epoch} (train loss {tr['loss']}, validation loss "
+                             f"{va['loss']}); lower the learning rate (train.lr)"
+                             + (f"; {last} holds the last good epoch" if last.is_file() else ""))
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_f1": va["macro_f1"],
                "lr": optimizer.param_groups[0]["lr"], "images_per_s": tr["images_per_s"], "seconds": tr["seconds"]}

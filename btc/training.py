@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from btc.checkpoint import ModelSpec, save_model
-from btc.config import Config
+from btc.config import Config, load_config
 from btc.data.cache import cached_images
 from btc.data.loaders import ArrayBatches
 from btc.labels import CLASSES
@@ -69,6 +69,47 @@ def min_epochs_of(cfg: Config) -> int:
     return cfg.train.min_epochs if cfg.train.min_epochs is not None else cfg.train.epochs // 2
 
 
+# What a resumed run may change: none of these shape the saved weights, optimizer or schedule.
+RESUME_MAY_CHANGE = ("output_dir", "data.cache_dir", "train.threads", "train.device", "train.epochs",
+                     "model.pretrained", "model.init_weights")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _split_key(split: pd.DataFrame) -> set:
+    return set(split.loc[split["split"].isin(["train", "val"]), ["sha256", "label", "split"]].itertuples(index=False))
+
+
+def check_same_run(run_dir: Path, cfg: Config, split: pd.DataFrame) -> None:
+    """Refuse to resume the run in ``run_dir`` with other train/val images or with settings that change
+    what its ``last.pt`` holds (the batch size, the model, the augmentation, ...); the message names
+    each setting. ``train.epochs`` is checked against ``last.pt`` itself (:func:`btc.train.check_resumable`)."""
+    if (run_dir / "split.parquet").is_file():
+        before = _split_key(pd.read_parquet(run_dir / "split.parquet", columns=["sha256", "label", "split"]))
+        now = _split_key(split)
+        if before != now:
+            raise ValueError(f"cannot resume {run_dir} on other data: {len(before - now)} of its train/val images are "
+                             f"not in this split and {len(now - before)} of this split's are new. Resume with the "
+                             f"run's own split ({run_dir / 'split.parquet'}), or start a new run")
+    saved_config = run_dir / "config.yaml"
+    if not saved_config.is_file():
+        return
+    sections = {"data", "model", "train"}
+    before = _flat(load_config(saved_config).model_dump(mode="json", include=sections))
+    now = _flat(cfg.model_dump(mode="json", include=sections))
+    changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+    if changed:
+        raise ValueError(
+            f"cannot resume with other settings than the run was made with ({saved_config}): "
+            + "; ".join(f"{k} was {before.get(k)!r}, now {now.get(k)!r}" for k in changed)
+            + ". Resume with the run's own settings, or start a new run")
+
+
 def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
     rows = split[split["split"] == name].sort_values("path")
     if rows.empty:
@@ -88,8 +129,10 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if resume and (out_dir / "last.pt").is_file():
-        check_resumable(out_dir / "last.pt", cfg.train.epochs)  # before this run's config replaces the saved one
+    resuming = resume and (out_dir / "last.pt").is_file()
+    if resuming:  # before this run's config replaces the saved one
+        check_resumable(out_dir / "last.pt", cfg.train.epochs)
+        check_same_run(out_dir, cfg, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     split.to_parquet(out_dir / "split.parquet", index=False)
@@ -108,8 +151,9 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     val_batches = ArrayBatches(x_val, y_val, 2 * bs)
 
     m = cfg.model
-    model = build_model(m.arch, width=m.width, depth=m.depth, dropout=m.dropout, pretrained=m.pretrained,
-                        init_weights=m.init_weights)
+    # A resumed run's weights come from last.pt: no download, and an initial-weights file may have moved since.
+    model = build_model(m.arch, width=m.width, depth=m.depth, dropout=m.dropout, pretrained=m.pretrained and not resuming,
+                        init_weights=None if resuming else m.init_weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * len(train_batches), pct_start=0.2)

@@ -20,7 +20,12 @@ def test_synth_manifest_split(tmp_path):
     res = invoke("data", "synth", "--out", tmp_path / "d", "--per-class", 6, "--seed", 2, "--size", 64)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "d" / "lesions.csv").is_file()
-    res = invoke("data", "manifest", tmp_path / "d", "--out", tmp_path / "m.parquet")
+    res = invoke("data", "synth", "--out", tmp_path / "d", "--per-class", 5, "--seed", 2, "--size", 64)
+    # 5 per class names the test image Te-*_0004 and leaves the 6-per-class run's Tr-*_0004 and Te-*_0005.
+    assert res.exit_code == 0 and "8 other .jpg files were already under" in res.output
+    res = invoke("data", "synth", "--out", tmp_path / "fresh", "--per-class", 6, "--seed", 2, "--size", 64)
+    assert res.exit_code == 0 and "other .jpg" not in res.output
+    res = invoke("data", "manifest", tmp_path / "fresh", "--out", tmp_path / "m.parquet")
     assert res.exit_code == 0 and "24 files (0 unreadable)" in res.output
     res = invoke("data", "split", tmp_path / "m.parquet", "--out", tmp_path / "s.parquet", "-s", "data.seed=3")
     assert res.exit_code == 0 and "total" in res.output and (tmp_path / "s.parquet").is_file()
@@ -34,6 +39,13 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     assert res.exit_code == 2 and "unknown class folder 'tumour_x'" in res.output
     res = invoke("data", "synth", "--out", tmp_path / "x", "--per-class", 0)
     assert res.exit_code == 2 and "per_class=0" in res.output
+    res = invoke("data", "manifest", tmp_path, "--out", tmp_path)
+    assert res.exit_code == 2 and f"output file {str(tmp_path)!r} is a folder" in res.output
+    (tmp_path / "file").write_text("x")
+    res = invoke("data", "synth", "--out", tmp_path / "file", "--per-class", 2)
+    assert res.exit_code == 2 and f"output folder {str(tmp_path / 'file')!r} exists and is not a folder" in res.output
+    res = invoke("data", "split", tmp_path, "--out", tmp_path / "file" / "s.parquet")
+    assert res.exit_code == 2 and f"folder of the output file {str(tmp_path / 'file')!r} exists and is not a folder" in res.output
     res = invoke("train", tmp_path / "missing")
     assert res.exit_code == 2 and "does not exist" in res.output
     res = invoke("train", tmp_path, "-s", "train.epochs=zero")
@@ -74,6 +86,13 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     res = invoke("train", synth_root, "--out", run, "--resume", "--epochs", 5, "--no-track")
     assert res.exit_code == 2 and "resume it with epochs=2, not 5" in res.output
     assert "epochs: 2" in (run / "config.yaml").read_text()  # the refused resume left the run as it was
+    res = invoke("train", synth_root, "--out", run, "--resume", "--no-track", "-s", "train.batch_size=8")
+    assert res.exit_code == 2 and "train.batch_size was 16, now 8" in res.output
+    assert "batch_size: 16" in (run / "config.yaml").read_text()
+    res = invoke("evaluate", "--model", model, "--json", tmp_path)
+    assert res.exit_code == 2 and f"--json file {str(tmp_path)!r} is a folder" in res.output
+    res = invoke("train", synth_root, "--out", model, "--no-track")
+    assert res.exit_code == 2 and f"run folder {str(model)!r} exists and is not a folder" in res.output
     res = invoke("train", synth_root, "--out", run, "--resume", "--no-evaluate", "--no-track")
     assert res.exit_code == 0 and "best epoch" in res.output  # the run's own config: 2 epochs, 64 px, width 8
     assert "image_size: 64" in (tmp_path / "ev" / "config.yaml").read_text()  # evaluation used the run's config

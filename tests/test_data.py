@@ -160,3 +160,132 @@ def test_jpeg_cut_inside_its_header_is_unreadable_not_a_crash(tmp_path):
     bad = m.loc[~m["readable"]]
     assert len(bad) == 1 and bad["path"].iloc[0].endswith("cut.jpg")
     assert bad["error"].iloc[0]
+
+
+def test_entries_outside_the_layout_are_named_and_not_read(tmp_path, caplog):
+    for split in ("Training", "Testing"):
+        _write(tmp_path / split / "glioma" / "a.jpg")
+    _write(tmp_path / "Validation" / "glioma" / "v.jpg")
+    _write(tmp_path / "Training" / "loose.jpg")
+    (tmp_path / "lesions.csv").write_text("path\n")  # a sidecar: not worth a warning
+    with caplog.at_level("WARNING", logger="btc.data.discover"):
+        found = find_images(tmp_path)
+    assert sorted(f.path.name for f in found) == ["a.jpg", "a.jpg"]
+    assert f"ignored {tmp_path / 'Validation'}: not a Training or Testing folder" in caplog.messages
+    assert f"ignored {tmp_path / 'Training' / 'loose.jpg'}: a file in Training/, not inside a class folder" \
+        in caplog.messages
+    assert len(caplog.messages) == 2
+
+
+def test_links_and_hidden_folders_inside_a_class(tmp_path):
+    good = _write(tmp_path / "outside" / "x.jpg")
+    _write(tmp_path / "data" / "glioma" / "a.jpg")
+    _write(tmp_path / "data" / "glioma" / ".thumbs" / "t.jpg")
+    (tmp_path / "data" / "glioma" / "linked").symlink_to(good.parent, target_is_directory=True)
+    (tmp_path / "data" / "glioma" / "loop").symlink_to(tmp_path / "data" / "glioma", target_is_directory=True)
+    (tmp_path / "data" / "glioma" / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    m = build_manifest(tmp_path / "data", progress=False).set_index("path")
+    root = tmp_path / "data" / "glioma"
+    assert sorted(m.index) == [str(root / "a.jpg"), str(root / "broken.jpg"), str(root / "linked" / "x.jpg")]
+    assert m.loc[str(root / "broken.jpg"), "error"] == "cannot read file: No such file or directory"
+    assert m.loc[str(root / "linked" / "x.jpg"), "readable"]
+
+
+def test_testing_folder_without_training_is_refused(tmp_path):
+    _write(tmp_path / "Testing" / "glioma" / "a.jpg")
+    with pytest.raises(DatasetLayoutError, match="has Testing/ but no Training/ folder"):
+        find_images(tmp_path)
+
+
+def test_unknown_class_folder_says_where_it_is(tmp_path):
+    _write(tmp_path / "Training" / "Tumour" / "a.jpg")
+    with pytest.raises(DatasetLayoutError, match=f"unknown class folder 'Tumour'.*{tmp_path / 'Training' / 'Tumour'}"):
+        find_images(tmp_path)
+
+
+def test_manifest_paths_are_absolute(tmp_path, monkeypatch):
+    _write(tmp_path / "data" / "glioma" / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    assert build_manifest("data", progress=False)["path"].tolist() == [str(tmp_path / "data" / "glioma" / "a.jpg")]
+
+
+@pytest.mark.parametrize("mode, arr", [
+    ("1", np.eye(16, dtype=bool)),
+    ("I;16B", (np.arange(256, dtype=np.uint16).reshape(16, 16) * 200)),
+])
+def test_bilevel_and_16_bit_big_endian_images_decode(tmp_path, mode, arr):
+    path = tmp_path / "x.tiff"
+    im = Image.fromarray(arr) if mode == "1" else Image.frombytes("I;16B", (16, 16), arr.astype(">u2").tobytes())
+    im.save(path)
+    gray, info = decode_gray(path)
+    assert info.mode == mode and gray.shape == (16, 16) and gray.dtype == np.uint8
+    assert gray.min() == 0 and gray.max() == 255  # the full range, not a flat image
+    if mode == "I;16B":
+        assert (np.diff(gray.astype(int).ravel()) >= 0).all()  # the ramp survives in order
+
+
+def _write_dicom_frames(path, pixels, photometric, samples=1):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    frames = pixels.shape[0] if pixels.ndim == 4 or (samples == 1 and pixels.ndim == 3) else 1
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if samples > 1 else pixels.shape[-2:]
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_multi_frame_colour_and_monochrome1_dicom(tmp_path):
+    ramp = np.tile(np.arange(48, dtype=np.uint8) * 5, (32, 1))
+    frames = np.stack([np.zeros_like(ramp), ramp, np.zeros_like(ramp), np.zeros_like(ramp)])  # the middle is frame 2
+    rgb = np.repeat(frames[..., None], 3, axis=-1)
+    gray, info = decode_gray(_write_dicom_frames(tmp_path / "rgb.dcm", rgb, "RGB", samples=3))
+    assert gray.shape == (32, 48) and info.mode == "RGB"
+    assert gray.max() == 0  # frames // 2 = 2: the all-black frame, not the mean over frames
+    gray, _ = decode_gray(_write_dicom_frames(tmp_path / "mf.dcm", frames[[1, 1, 0]], "MONOCHROME2"))
+    assert gray.shape == (32, 48) and gray[0, 0] < gray[0, -1]  # three frames of 48 columns: not taken for colour
+    gray, info = decode_gray(_write_dicom_frames(tmp_path / "m1.dcm", ramp, "MONOCHROME1"))
+    assert info.mode == "L" and gray[0, 0] > gray[0, -1]  # MONOCHROME1: low values display bright
+
+
+def test_an_unexpected_decoder_failure_is_an_unreadable_row(tmp_path, monkeypatch):
+    import btc.data.manifest as manifest_module
+
+    _write(tmp_path / "glioma" / "a.jpg")
+    _write(tmp_path / "glioma" / "b.jpg")
+
+    b_sum = int(decode_gray(tmp_path / "glioma" / "b.jpg")[0].sum())
+    real_phash = manifest_module.phash_hex
+
+    def phash_that_breaks_on_b(gray):
+        if gray.sum() == b_sum:
+            raise TypeError("Cannot handle this data type")
+        return real_phash(gray)
+
+    monkeypatch.setattr(manifest_module, "phash_hex", phash_that_breaks_on_b)
+    m = build_manifest(tmp_path, progress=False)
+    assert m["readable"].tolist() == [True, False]
+    assert m["error"].iloc[1] == "cannot be decoded (TypeError: Cannot handle this data type)"
+
+
+def test_a_file_changed_since_the_manifest_is_named_when_decoded(tmp_path):
+    from btc.data.cache import cached_images
+
+    _write(tmp_path / "glioma" / "a.jpg")
+    gone = _write(tmp_path / "glioma" / "b.jpg")
+    m = build_manifest(tmp_path, progress=False)
+    gone.write_text("replaced by text")
+    with pytest.raises(ImageDecodeError, match=f"^{gone}: not an image"):
+        cached_images(m, 32, tmp_path / "cache", progress=False)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from btc.checkpoint import load_model
 from btc.config import load_config
 from btc.data.loaders import ArrayBatches
 from btc.models import ARCHS, build_model
@@ -218,3 +220,83 @@ def test_gpu_mixed_precision_smoke(tmp_path):
     assert np.isfinite(h[-1]["train_loss"]) and np.isfinite(h[-1]["val_loss"])
     logits, _ = predict_logits(model, ArrayBatches(x, y, 32), torch.device("cuda"))
     assert logits.shape == (len(y), 4)
+
+
+def test_an_interrupted_run_resumed_by_train_model_equals_an_unbroken_one(trained_run, tiny_config, synth_split,
+                                                                          tmp_path, monkeypatch):
+    """The real path: one-cycle schedule, class weights, the decoded cache; stopped inside epoch 3 of 3."""
+    import btc.train as train_module
+    from btc.training import train_model
+
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def crash_in_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(tiny_config, synth_split, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    resumed = train_model(tiny_config, synth_split, tmp_path / "run", resume=True, progress=False)
+    drop = ("seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in trained_run.history]
+    ours, theirs = load_model(resumed.model_path)[0].state_dict(), load_model(trained_run.model_path)[0].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert resumed.temperature == trained_run.temperature
+
+
+def test_resume_refuses_other_settings_and_keeps_the_run_as_it_was(trained_run, tiny_config, synth_split, tmp_path):
+    from btc.training import train_model
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.out_dir, run)
+    saved = (run / "config.yaml").read_text()
+    changed = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"width": 16})})
+    with pytest.raises(ValueError, match="model.width was 8, now 16. Resume with the run's own settings"):
+        train_model(changed, synth_split, run, resume=True, progress=False)
+    assert (run / "config.yaml").read_text() == saved
+    fewer = synth_split.drop(synth_split.index[synth_split["split"] == "train"][:3])
+    with pytest.raises(ValueError, match="cannot resume .* on other data: 3 of its train/val images are not in this"):
+        train_model(tiny_config, fewer, run, resume=True, progress=False)
+    (run / "last.pt").write_text("garbage")
+    with pytest.raises(ValueError, match=f"cannot resume from {str(run / 'last.pt')!r}: not a readable checkpoint"):
+        train_model(tiny_config, synth_split, run, resume=True, progress=False)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
+    x, y = _toy_batches()
+    model = build_model(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e12)
+    with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower the learning rate"):
+        fit(model, ArrayBatches(x, y, 16, shuffle=True), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=3,
+            loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_init_weights_files_btc_writes_and_files_that_do_not_fit(tmp_path, trained_run):
+    import torchvision
+
+    own = build_model(width=8, init_weights=trained_run.model_path)  # btc's own model.pt ("state_dict" inside)
+    assert torch.equal(own.state_dict()["stem.0.0.weight"], load_model(trained_run.model_path)[0].state_dict()["stem.0.0.weight"])
+    (tmp_path / "text.pt").write_text("not weights")
+    with pytest.raises(ValueError, match="is not a PyTorch weights file"):
+        build_model("resnet18", init_weights=tmp_path / "text.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list, not a state_dict of tensors"):
+        build_model("resnet18", init_weights=tmp_path / "list.pt")
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "mobilenet.pt")
+    with pytest.raises(ValueError, match=r"matches only \d+ of the model's \d+ weight tensors.*another architecture"):
+        build_model("efficientnet_b0", init_weights=tmp_path / "mobilenet.pt")
+
+
+def test_a_model_file_whose_spec_and_weights_do_not_fit_is_refused(tmp_path, trained_run):
+    blob = torch.load(trained_run.model_path, weights_only=True)
+    for name, change in (("extra", {"spec": {**blob["spec"], "colour": "red"}}),
+                         ("nospec", {"spec": None}),
+                         ("width", {"spec": {**blob["spec"], "width": 16}})):
+        torch.save({**blob, **change}, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match="is not a usable btc model file: its spec and weights do not fit"):
+            load_model(tmp_path / f"{name}.pt")

@@ -15,12 +15,20 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from btc.data.images import decode_gray, resize_gray
+from btc.data.images import ImageDecodeError, decode_gray, resize_gray
 
 
 def load_resized(path: str | Path, size: int) -> np.ndarray:
-    """Decode one file to grayscale and resize it to ``size`` x ``size`` (uint8)."""
-    return resize_gray(decode_gray(path)[0], size)
+    """Decode one file to grayscale and resize it to ``size`` x ``size`` (uint8).
+
+    Raises:
+        ImageDecodeError: the file cannot be used; the message names it (it may have changed
+            or moved since the manifest was built).
+    """
+    try:
+        return resize_gray(decode_gray(path)[0], size)
+    except ImageDecodeError as err:
+        raise ImageDecodeError(f"{path}: {err}") from None
 
 
 def decode_all(paths: list[str], size: int, *, workers: int = 4, progress: bool = True) -> np.ndarray:

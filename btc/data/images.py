@@ -17,7 +17,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-SUPPORTED_MODES = ("L", "RGB", "RGBA", "P", "LA", "I", "I;16", "F", "CMYK")
+# Pillow modes decode_gray turns into grayscale: bilevel, palette, 8-bit grey and colour, 16/32-bit integers, floats.
+SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                   "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
@@ -54,11 +56,23 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as err:  # pydicom raises many types for broken pixel data
         raise ImageDecodeError(f"DICOM pixel data cannot be decoded ({err})") from None
-    if pixels.ndim == 3:  # multi-frame or colour: take the middle frame / mean of channels
-        pixels = pixels[pixels.shape[0] // 2] if pixels.shape[-1] not in (3, 4) else pixels[..., :3].mean(-1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1:  # [frames, rows, cols(, samples)]: the middle frame
+        pixels = pixels[frames // 2]
+    if samples > 1:  # [rows, cols, samples]: the mean of the colour channels
+        pixels = pixels[..., :3].mean(-1)
+    if pixels.shape != (rows, cols):
+        raise ImageDecodeError(
+            f"DICOM pixel data of shape {pixels.shape} does not match its header ({rows} rows, {cols} columns, "
+            f"{frames} frames, {samples} samples per pixel)")
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        pixels = -pixels  # MONOCHROME1: the lowest value is displayed white
     lo, hi = np.percentile(pixels, [0.5, 99.5])
     scaled = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1) * 255
-    return scaled.astype(np.uint8), ImageInfo("DICOM", cols, rows, "I;16")
+    bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+    mode = "RGB" if samples > 1 else ("L" if bits <= 8 else "I;16")
+    return scaled.astype(np.uint8), ImageInfo("DICOM", cols, rows, mode)
 
 
 def decode_gray(
@@ -112,10 +126,15 @@ def decode_gray(
         if "truncated" in reason:
             reason = "image file is truncated (incomplete data)"
         raise ImageDecodeError(f"corrupt image: {reason}") from None
-    if im.mode in ("I", "I;16", "F"):
+    if im.mode == "F" or im.mode.startswith("I"):  # 16- and 32-bit integers, floats: stretched to 8 bits
         gray = _stretch(np.asarray(im, dtype=np.float32))
     else:
-        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        try:
+            gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        except ValueError as err:  # a mode Pillow reads but cannot turn into grayscale
+            raise ImageDecodeError(f"image mode {im.mode!r} cannot be converted to grayscale ({err})") from None
+    if gray.ndim != 2 or min(gray.shape) == 0:
+        raise ImageDecodeError(f"decoded to an array of shape {gray.shape}, not a 2-D image")
     return gray, info
 
 

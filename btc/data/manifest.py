@@ -44,11 +44,14 @@ def _describe(item: FoundImage) -> dict:
     row["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         gray, info = decode_gray(data)
+        phash = phash_hex(gray)
     except ImageDecodeError as err:
         row["error"] = str(err)
         return row
-    row.update(width=info.width, height=info.height, mode=info.mode, format=info.format, readable=True)
-    row["phash"] = phash_hex(gray)
+    except Exception as err:  # a decoder's own bug must not stop a run halfway: the file is listed instead
+        row["error"] = f"cannot be decoded ({type(err).__name__}: {err})"
+        return row
+    row.update(width=info.width, height=info.height, mode=info.mode, format=info.format, readable=True, phash=phash)
     return row
 
 

@@ -24,6 +24,8 @@ different patients together (``benchmarks/split_threshold.py`` and the README).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
@@ -32,6 +34,8 @@ from scipy.sparse.csgraph import connected_components
 from btc.data.manifest import phash_words
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def _distance_blocks(words: np.ndarray, other: np.ndarray, chunk: int = 512):
@@ -138,6 +142,7 @@ def split_without_leakage(
         filed_as = df.loc[conflict, "sha256"].map(conflicting.map(" and ".join))
         df.loc[conflict, "excluded_reason"] = "label conflict: the same image is filed as " + filed_as
     usable &= ~conflict
+    _require_images_per_class(df, usable)
     first_of_sha = df[usable].drop_duplicates("sha256")
     dup = usable & ~df.index.isin(first_of_sha.index)
     keeper = df.loc[first_of_sha.index].set_index("sha256")["path"]
@@ -147,6 +152,8 @@ def split_without_leakage(
     kept = df[usable]
     df.loc[usable, "cluster"] = near_duplicate_clusters(kept["phash"], near_duplicate_distance)
     has_test_folder = (kept["source_split"] == "test").any()
+    if has_test_folder and not (kept["source_split"] != "test").any():
+        raise ValueError("every usable image comes from a Testing folder: there is nothing to train on")
     if has_test_folder:
         df.loc[usable & (df["source_split"] == "test"), "split"] = "test"
         pool = usable & (df["source_split"] != "test")
@@ -160,7 +167,31 @@ def split_without_leakage(
             df[usable], {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed
         )
     _distances_to_training(df, near_duplicate_distance)
+    _warn_empty_splits(df)
     return df
+
+
+def _require_images_per_class(df: pd.DataFrame, usable: np.ndarray) -> None:
+    """Stop, naming the class, when a class (or the whole dataset) has no image left to split."""
+    counts = df.loc[usable, "label"].value_counts()
+    if counts.empty:
+        reasons = df["excluded_reason"].str.split(":").str[0].value_counts()
+        raise ValueError("no usable image to split: " + ", ".join(f"{n} {why}" for why, n in reasons.items()))
+    for label in sorted(set(df["label"]) - set(counts.index)):
+        rows = df[df["label"] == label]
+        raise ValueError(
+            f"class {label!r} has no usable image: all {len(rows)} of its files are excluded "
+            f"(first: {rows['path'].iloc[0]}: {rows['excluded_reason'].iloc[0]})")
+
+
+def _warn_empty_splits(df: pd.DataFrame) -> None:
+    counts = pd.crosstab(df["label"], df["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    counts = counts[counts.sum(axis=1) > 0]
+    for label, row in counts.iterrows():
+        for split in SPLITS:
+            if row[split] == 0:
+                log.warning("class %r has no images in %s (%d usable images in all): too few to split",
+                            label, split, int(row.sum()))
 
 
 def _distances_to_training(df: pd.DataFrame, max_distance: int) -> None:
