@@ -17,14 +17,19 @@ def _hamming(a: str, b: str) -> int:
     return int(np.bitwise_count(wa ^ wb).sum())
 
 
-def test_no_image_or_near_duplicate_across_splits(synth_split):
-    used = synth_split[synth_split["split"].isin(["train", "val", "test"])]
+def _assert_no_near_duplicate_across(split, pairs):
+    used = split[split["split"].isin(["train", "val", "test"])]
     assert not used["sha256"].duplicated().any()
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+    for a, b in pairs:
         left, right = used[used["split"] == a], used[used["split"] == b]
         assert not set(left["cluster"]) & set(right["cluster"])
         dists = [_hamming(x, y) for x in left["phash"] for y in right["phash"]]
         assert min(dists) > 40
+
+
+def test_no_image_or_near_duplicate_across_splits(synth_split):
+    # With a Testing folder the test set is given: near duplicates of it are flagged (next tests), not moved.
+    _assert_no_near_duplicate_across(synth_split, [("train", "val")])
 
 
 def test_train_distance_is_the_nearest_train_or_val_image(synth_split):
@@ -78,6 +83,7 @@ def test_own_split_when_no_testing_folder(tmp_path, synth_root):
     assert set(split["split"]) == {"train", "val", "test"}
     assert 0.1 < shares["test"] < 0.3 and 0.1 < shares["val"] < 0.3
     assert not split["near_dup_in_train"].any()
+    _assert_no_near_duplicate_across(split, [("train", "val"), ("train", "test"), ("val", "test")])
     assert list(split_without_leakage(build_manifest(flat, progress=False), val_fraction=0.2, test_fraction=0.2,
                                       seed=4)["split"]) != list(split["split"])
 
