@@ -60,15 +60,13 @@ def track_training_run(cfg, result, split, report: dict | None, evaluation_dir: 
 
 def eval_rows_from(data: Path):
     """Rows of the frozen evaluation set: a split/manifest .parquet's test rows, or a dataset folder's Testing images."""
-    import pandas as pd
-
-    from btc.data.manifest import build_manifest
+    from btc.data.manifest import build_manifest, load_manifest
     from btc.evaluate import rows_to_evaluate
 
     if not data.exists():
         raise _fail(f"--data {str(data)!r} does not exist; pass a dataset folder or a split/manifest .parquet")
     try:
-        table = pd.read_parquet(data) if data.suffix == ".parquet" else build_manifest(data, progress=False)
+        table = load_manifest(data) if data.suffix == ".parquet" else build_manifest(data, progress=False)
         return rows_to_evaluate(table, "test")
     except (ValueError, OSError) as err:
         raise _fail(f"--data {str(data)!r}: {err}") from None
@@ -97,7 +95,8 @@ def register_cmd(
 def promote_cmd(
     name: NameOpt = None,
     data: Annotated[Optional[Path], typer.Option(
-        help="frozen evaluation set: dataset folder (its Testing images) or split/manifest .parquet (its test rows); "
+        help="frozen evaluation set: dataset folder (its Testing images, or all of them without a Testing folder) or "
+             "split/manifest .parquet (its test rows); images the challenger trained on are refused; "
              "default the test split logged with the challenger's run")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -90,7 +90,9 @@ def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str,
     with step("promotion-gates"):
         promotion = tasks.promote(name, cfg)
     get_run_logger().info("%s", promotion.table())
-    if promotion.promoted:
+    # This run's version is champion: promoted now, or by an earlier try of this task whose alias move
+    # succeeded before it failed (the retry then finds "already champion"); either way it needs serving.
+    if promotion.promoted or promotion.champion_after == version:
         with step("deploy-service"):
             paths["serving_record"] = tasks.deploy_service(name, version, run_id, build_bento)["record"]
         with step("monitoring-reference"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -351,3 +352,73 @@ def test_challenger_moved_during_evaluation_aborts_with_nothing_changed(reg, mon
         promote(name, permissive())
     assert aliases(name) == {"challenger": "2"}
     assert "promotion.decision" not in version_tags(name, "1")
+
+
+@pytest.mark.parametrize("moved_first", [True, False])
+def test_a_failure_while_moving_the_champion_leaves_a_true_record_and_a_retry_completes(reg, monkeypatch, moved_first):
+    """What a Prefect retry meets: the store fails once, after (or before) the alias has moved."""
+    from mlflow.exceptions import MlflowException
+
+    name = f"flaky-{moved_first}"
+    register(reg.good, name)
+    real, calls = registry._move_champion, []
+
+    def move_then_fail_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            if moved_first:
+                real(*args)
+            raise MlflowException("database is locked")
+        return real(*args)
+
+    monkeypatch.setattr(registry, "_move_champion", move_then_fail_once)
+    with pytest.raises(MlflowException, match="database is locked"):
+        promote(name, permissive())
+    decision = version_tags(name, "1")["promotion.decision"]
+    if moved_first:
+        assert aliases(name)["champion"] == "1" and decision == "promoted"
+    else:
+        assert "champion" not in aliases(name)
+        assert decision == "passed the gates, but moving champion failed (MlflowException)"
+    again = promote(name, permissive())
+    assert aliases(name)["champion"] == "1" and again.champion_after == "1"  # the flow serves champion_after
+    assert again.promoted == (not moved_first)
+    assert version_tags(name, "1")["promotion.decision"] == "promoted"
+
+
+def test_evaluation_images_the_challenger_trained_on_are_refused(reg, tmp_path):
+    name = "overlap"
+    register(reg.good, name)
+    split = pd.read_parquet(reg.split_file)
+    trained_on = split.index[split["split"] == "train"][:5]
+    split.loc[trained_on, "split"] = "test"  # five training images passed off as a frozen evaluation set
+    split.to_parquet(tmp_path / "leaky.parquet")
+    res = cli("registry", "promote", "--name", name, "--data", tmp_path / "leaky.parquet",
+              *sum((["-s", s] for s in PERMISSIVE), []))
+    assert res.exit_code == 2, res.output
+    assert f"5 of the {len(reg.rows) + 5} evaluation images were in the challenger's (v1) train/val split" in res.output
+    assert "champion" not in aliases(name) and "promotion.decision" not in version_tags(name, "1")
+
+
+def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for args in (("list",), ("promote",), ("rollback",)):
+        res = cli("registry", *args, "--name", "btc-classifier")
+        assert res.exit_code == 2 and f"no MLflow store at {uri}" in res.output, res.output
+    res = cli("evaluate", "--model", "models:/btc-classifier@champion")
+    assert res.exit_code == 2 and "no MLflow store at" in res.output, res.output
+    assert not (tmp_path / "typo").exists()
+
+
+def test_rollback_skips_a_deleted_champion_and_says_so(reg):
+    name = "deleted"
+    register(reg.bad, name)
+    assert promote(name, permissive()).promoted
+    register(reg.good, name)
+    assert promote(name, permissive()).promoted
+    store.client().delete_model_version(name, "1")
+    res = cli("registry", "rollback", "--name", name)
+    assert res.exit_code == 2, res.output
+    assert "v2 is the first champion (earlier champions v1 were deleted)" in res.output
+    assert aliases(name)["champion"] == "2"

@@ -261,7 +261,7 @@ def load_predictor(uri: str, device: str = "cpu") -> Predictor:
         TrackingError: the tracking server is unreachable.
         ValueError: the URI does not resolve, or the model was not logged by btc or is corrupted.
     """
-    mlflow_client = store.client()
+    mlflow_client = store.client(must_exist=True)
     resolved = resolve_model_uri(uri, mlflow_client)
     repo = get_artifact_repository(resolved.location, tracking_uri=mlflow_client.tracking_uri,
                                    registry_uri=store.registry_uri(mlflow_client.tracking_uri))

@@ -23,6 +23,8 @@ always names an existing version, and never half of two promotions.
 
 from __future__ import annotations
 
+import contextlib
+
 import fcntl
 import hashlib
 import json
@@ -162,7 +164,7 @@ def register(run_id: str, name: str) -> str:
         TrackingError: the store is unreachable.
         RegistryError: the run does not exist or has no btc model.
     """
-    mlflow_client = store.client()
+    mlflow_client = store.client(must_exist=True)
     logged = _logged_model(mlflow_client, run_id)
     try:
         mlflow_client.create_registered_model(name, description="Brain MRI slice classifier (btc). Decision support "
@@ -208,18 +210,47 @@ def _record(mlflow_client: MlflowClient, result: PromotionResult) -> None:
         mlflow_client.set_model_version_tag(result.name, result.challenger, key, value)
 
 
-def _overlap_note(mlflow_client: MlflowClient, run_id: str | None, rows: pd.DataFrame) -> list[str]:
-    """Warn when evaluation images were training or validation images of the champion."""
-    if run_id is None:
-        return []
+def _mark_move_failed(mlflow_client: MlflowClient, name: str, version: str, err: Exception) -> None:
+    """After an error while moving the alias: unless it did move, the record says the move failed."""
+    with contextlib.suppress(MlflowException):  # the store itself is failing: the error being raised says why
+        if str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == version:
+            return
+    with contextlib.suppress(MlflowException):
+        mlflow_client.set_model_version_tag(name, version, "promotion.decision",
+                                            f"passed the gates, but moving {CHAMPION} failed ({type(err).__name__})")
+
+
+def _seen_images(mlflow_client: MlflowClient, run_id: str) -> set[str] | None:
+    """sha256 of the train and validation images of a run's logged split (None: the run logged none)."""
     try:
         _, split = frozen_eval_rows(mlflow_client, run_id)
     except RegistryError:
-        return []
-    seen = set(split.loc[split["split"].isin(["train", "val"]), "path"])
-    overlap = int(rows["path"].isin(seen).sum())
-    return [f"{overlap} evaluation images were in the champion's train/val split; its score is flattered, "
-            "use --data with a set neither model trained on"] if overlap else []
+        return None
+    return set(split.loc[split["split"].isin(["train", "val"]), "sha256"])
+
+
+def _check_overlap(mlflow_client: MlflowClient, name: str, challenger: str, champion: str | None,
+                   rows: pd.DataFrame) -> list[str]:
+    """Refuse evaluation images the challenger trained or chose on; note those the champion saw.
+
+    Raises:
+        RegistryError: some evaluation images are in the challenger's train/val split (nothing changed).
+    """
+    notes = []
+    for role, version in (("challenger", challenger), ("champion", champion)):
+        if version is None:
+            continue
+        seen = _seen_images(mlflow_client, mlflow_client.get_model_version(name, version).run_id)
+        overlap = int(rows["sha256"].isin(seen).sum()) if seen else 0
+        if overlap and role == "challenger":
+            raise RegistryError(
+                f"{overlap} of the {len(rows)} evaluation images were in the challenger's (v{version}) train/val "
+                "split: judged on them it would look better than it is. Nothing changed; evaluate on images it "
+                "did not train on (--data with another set, or the default: its run's test split)")
+        if overlap:
+            notes.append(f"{overlap} evaluation images were in the champion's train/val split; its score is flattered, "
+                         "use --data with a set neither model trained on")
+    return notes
 
 
 def _judge(name: str, challenger: str, champion: str | None, cfg: Config,
@@ -272,7 +303,7 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
         RegistryError: unknown name, no challenger, or the aliases moved during evaluation
             (nothing changed in each case).
     """
-    mlflow_client = store.client()
+    mlflow_client = store.client(must_exist=True)
     registered_model(mlflow_client, name)
     with registry_lock(store.registry_uri(mlflow_client.tracking_uri), lock_timeout):
         aliases = registered_model(mlflow_client, name).aliases  # read again now that the lock is held
@@ -284,13 +315,11 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
         if challenger == champion:
             return PromotionResult(name, challenger, champion, champion, False,
                                    f"version {challenger} is already {CHAMPION}; nothing to do")
-        notes: list[str] = []
         if eval_rows is None:
             challenger_run = mlflow_client.get_model_version(name, challenger).run_id
             eval_rows, _ = frozen_eval_rows(mlflow_client, challenger_run)
             eval_source = f"test split of the challenger's run {challenger_run} (data/split.parquet)"
-            if champion is not None:
-                notes = _overlap_note(mlflow_client, mlflow_client.get_model_version(name, champion).run_id, eval_rows)
+        notes = _check_overlap(mlflow_client, name, challenger, champion, eval_rows)
         eval_set = f"{eval_source or 'given rows'}: {len(eval_rows)} images"
 
         gates = _judge(name, challenger, champion, cfg, eval_rows)
@@ -299,14 +328,21 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
         passed = all(g.passed for g in gates)
         was = f"v{champion}" if champion else "none"
         if passed:
-            _move_champion(mlflow_client, model, challenger, champion)
             reason = f"PROMOTED: {CHAMPION} -> v{challenger} (was {was})"
         else:
             failed = ", ".join(g.name for g in gates if not g.passed)
             reason = f"REJECTED: gate(s) failed: {failed}; {CHAMPION} unchanged ({was})"
         result = PromotionResult(name, challenger, champion, challenger if passed else champion, passed, reason,
                                  gates, eval_set, notes)
+        # The decision is written before the alias moves, so a champion never lacks its record; should the
+        # move fail, the record says so and a retry judges again.
         _record(mlflow_client, result)
+        if passed:
+            try:
+                _move_champion(mlflow_client, model, challenger, champion)
+            except Exception as err:
+                _mark_move_failed(mlflow_client, name, challenger, err)
+                raise
         return result
 
 
@@ -316,7 +352,7 @@ def rollback(name: str, *, lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[str, s
     Raises:
         RegistryError: unknown name, no champion, or no earlier champion to return to.
     """
-    mlflow_client = store.client()
+    mlflow_client = store.client(must_exist=True)
     registered_model(mlflow_client, name)
     with registry_lock(store.registry_uri(mlflow_client.tracking_uri), lock_timeout):
         model = registered_model(mlflow_client, name)
@@ -327,8 +363,12 @@ def rollback(name: str, *, lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[str, s
         history = champion_history(model)
         while history and history[-1] == current:
             history.pop()
+        existing = {str(mv.version) for mv in mlflow_client.search_model_versions(f"name = '{name}'")}
+        deleted = [v for v in history if v not in existing]
+        history = [v for v in history if v in existing]  # a deleted version cannot come back
         if not history:
-            raise RegistryError(f"model {name!r}: v{current} is the first {CHAMPION}; "
+            gone = f" (earlier champions {', '.join('v' + v for v in deleted)} were deleted)" if deleted else ""
+            raise RegistryError(f"model {name!r}: v{current} is the first {CHAMPION}{gone}; "
                                 "there is no earlier one to roll back to")
         target = history[-1]
         mlflow_client.set_registered_model_alias(name, CHAMPION, target)
@@ -344,7 +384,7 @@ def list_versions(name: str) -> list[dict]:
     Raises:
         RegistryError: unknown name.
     """
-    mlflow_client = store.client()
+    mlflow_client = store.client(must_exist=True)
     model = registered_model(mlflow_client, name)
     by_version: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():

@@ -96,17 +96,27 @@ def check_reachable(uri: str, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
             raise TrackingError(f"cannot use MLflow store {uri}: {str(db)!r} is not readable and writable")
 
 
-def client(uri: str | None = None, *, check: bool = True) -> MlflowClient:
+def client(uri: str | None = None, *, check: bool = True, must_exist: bool = False) -> MlflowClient:
     """An ``MlflowClient`` on the resolved tracking and registry URIs, checked first.
 
     The URIs are passed explicitly, so no global MLflow state is changed.
+
+    Args:
+        must_exist: only reading from the store (models, versions, aliases): refuse a SQLite store
+            whose file does not exist, rather than create an empty one from a mistyped URI.
+
+    Raises:
+        TrackingError: unreachable, or (``must_exist``) no such SQLite store.
     """
     uri = uri or tracking_uri()
     reg = registry_uri(uri)
     if check:
-        check_reachable(uri)
-        if reg != uri:
-            check_reachable(reg)
+        for one in dict.fromkeys((uri, reg)):
+            db = sqlite_path(one)
+            if must_exist and db is not None and not db.is_file():
+                raise TrackingError(f"no MLflow store at {one}: {str(db)!r} does not exist; train with tracking "
+                                    "first, or point MLFLOW_TRACKING_URI at your store")
+            check_reachable(one)
     return MlflowClient(tracking_uri=uri, registry_uri=reg)
 
 
