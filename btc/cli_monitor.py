@@ -7,8 +7,10 @@ Registered by :mod:`btc.cli` with ``app.command("monitor")(monitor_command)`` an
 Evidently report, adds the snapshot to the dashboard workspace, logs the verdict to MLflow
 and prints what it would do about drift (retraining itself is started by the Prefect
 ``monitoring`` flow). Exit codes: 0 no drift, 3 drift, 1 no meaningful report was possible
-(missing reference, absent or empty log, too few predictions in the window), 2 the command
-was misused (invalid option or config).
+(missing or unreadable reference, absent or empty log, too few predictions in the window), 2
+the command was misused (invalid option or config, a ``--log`` that is no prediction log, an
+``--out`` or ``--workspace`` that cannot be a folder). Options are checked before any file is
+read, so a misuse is told at once.
 
 ``btc monitor-reference`` builds the reference from a model and the validation images.
 """
@@ -27,6 +29,7 @@ DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:
 
 from btc.cli_common import config_or_fail as _load_config  # noqa: E402
 from btc.cli_common import fail as _error  # noqa: E402
+from btc.cli_common import writable_folder  # noqa: E402
 
 
 def monitor_command(
@@ -50,18 +53,32 @@ def monitor_command(
     from btc.paths import btc_home, monitoring_dir, prediction_log_path, reports_dir
     from btc.reference import MonitoringError
     from monitoring.actions import act_on_drift
-    from monitoring.run import monitoring_options, run_monitoring
+    from monitoring.run import check_log_file, check_options, monitoring_options, run_monitoring, window_bounds
 
     cfg = _load_config(config, set_)
     options = monitoring_options(cfg)
     if window_hours is not None:
+        try:
+            check_options(window_hours=window_hours)
+        except ValueError as err:
+            raise _error(f"invalid --window-hours: {err}") from None
         options["window_hours"] = window_hours
-    reference = reference or cfg.monitoring.reference_dir or monitoring_dir() / "reference"
-    workspace = (workspace or cfg.monitoring.workspace or btc_home() / "evidently") if dashboard else None
+    # every option is checked before the reference's Parquet is read (a misuse exits 2, never after work)
+    log = log or prediction_log_path()
     try:
-        verdict = run_monitoring(log or prediction_log_path(), reference, since=since, until=until,
-                                 out_dir=out or reports_dir() / "monitoring", mlflow=mlflow, workspace=workspace,
-                                 **options)
+        check_options(**options)
+        window_bounds(options["window_hours"], since, until)
+        check_log_file(log)
+    except ValueError as err:
+        raise _error(str(err), 2) from None
+    out = writable_folder(out or reports_dir() / "monitoring", "report folder (--out)")
+    workspace = (workspace or cfg.monitoring.workspace or btc_home() / "evidently") if dashboard else None
+    if workspace is not None:
+        writable_folder(workspace, "Evidently workspace (--workspace)")
+    reference = reference or cfg.monitoring.reference_dir or monitoring_dir() / "reference"
+    try:
+        verdict = run_monitoring(log, reference, since=since, until=until, out_dir=out, mlflow=mlflow,
+                                 workspace=workspace, **options)
     except MonitoringError as err:
         raise _error(str(err), 1) from None
     except ValueError as err:
@@ -84,16 +101,21 @@ def reference_command(
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s monitoring.pca_components=6")] = None,
 ) -> None:
     """Build the monitoring reference from a model and the validation images (run at promotion)."""
-    import pandas as pd
-
     from btc.paths import monitoring_dir
     from btc.predict import Predictor
     from btc.reference import build_reference
+    from btc.tables import read_parquet
 
     cfg = _load_config(config, set_)
     if not split.is_file():
         raise _error(f"split file {str(split)!r} does not exist; write one with btc data split", 2)
-    rows = pd.read_parquet(split)
+    out = writable_folder(out or cfg.monitoring.reference_dir or monitoring_dir() / "reference",
+                          "reference folder (--out)")
+    try:
+        rows = read_parquet(split)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise _error(f"split file {str(split)!r} cannot be read as Parquet ({err}); "
+                     "write one with btc data split", 2) from None
     if "split" not in rows.columns or (rows["split"] == split_name).sum() == 0:
         found = sorted(rows["split"].unique()) if "split" in rows.columns else []
         raise _error(f"no rows with split {split_name!r} in {str(split)!r}; found {', '.join(map(str, found)) or 'none'}", 2)
@@ -103,5 +125,5 @@ def reference_command(
                                 source=f"{split}:{split_name}")
     except (FileNotFoundError, ValueError) as err:
         raise _error(str(err), 2) from None
-    target = built.save(out or cfg.monitoring.reference_dir or monitoring_dir() / "reference")
+    target = built.save(out)
     typer.echo(f"reference of {len(built.features)} images for {predictor.name} v{predictor.version} -> {target}")

@@ -5,6 +5,11 @@ A plain function the CLI registers (``app.command("serve")(serve_command)``); it
 variables, so the service loads the model exactly as it does in a container. The tests and
 the benchmark start and stop the service with :func:`start_service` and :func:`stop_service`.
 
+Before the server starts, the model is loaded once with the server's environment
+(:func:`model_load_error`): BentoML restarts a model worker that fails to start for ever, so a
+model that cannot load would otherwise keep ``btc serve`` running and logging the same error
+instead of stopping with it.
+
 Stopping: BentoML's workers run in sessions of their own, and without a bound uvicorn waits
 for ever for idle connections to close, so a SIGTERM could leave the entry worker running.
 The command therefore passes ``--timeout-graceful-shutdown``, and :func:`stop_service` kills
@@ -26,6 +31,16 @@ import typer
 SERVICE = "serving.service:BrainTumorClassifier"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_SHUTDOWN_S = 5
+_CHECK_PREFIX = "btc-model-check: "
+# Run by `python -c` in the child of model_load_error: the service's own load, then the reason on one line.
+_LOAD_CHECK = f"""
+import os, sys
+from btc.predict import Predictor
+try:
+    Predictor.load(os.environ["BTC_MODEL_URI"], device=os.environ.get("BTC_DEVICE", "cpu"))
+except (OSError, ValueError) as err:
+    sys.exit({_CHECK_PREFIX!r} + " ".join(str(err).split()))
+"""
 
 
 def serve_environment(model: str, *, workers: int, api_key_env: str, config: Path | None,
@@ -63,6 +78,27 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
     return env
 
 
+def model_load_error(env: dict[str, str]) -> str | None:
+    """Why the service could not load its model (None: it loads), found by loading it as the service does.
+
+    The load runs in a short-lived child process with the server's environment, so it reads the
+    same MLflow store and file as the model service will; a child, because ``btc serve`` waits
+    for the server for its whole life and should not hold torch and the weights meanwhile.
+
+    Args:
+        env: the server's environment (see :func:`serve_environment`); ``BTC_MODEL_URI`` names the model.
+    """
+    done = subprocess.run([sys.executable, "-c", _LOAD_CHECK], env=env, capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    reasons = [line[len(_CHECK_PREFIX):] for line in lines if line.startswith(_CHECK_PREFIX)]
+    if reasons:
+        return reasons[-1]
+    return (f"cannot load model {env['BTC_MODEL_URI']!r}: "
+            f"{lines[-1] if lines else f'the check exited with {done.returncode}'}")
+
+
 def serve_command(
     model: str = typer.Option("models:/btc-classifier@champion", "--model", "-m",
                               help="model.pt path or MLflow URI (models:/name@alias)"),
@@ -82,6 +118,13 @@ def serve_command(
     except ValueError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    try:
+        problem = model_load_error(env)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if problem is not None:
+        typer.secho(f"error: {problem}; the server was not started", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     command = serve_command_line(host, port)
     typer.echo(f"serving {env['BTC_MODEL_URI']} on http://{host}:{port} "
                f"(API key {'required' if env.get('BTC_API_KEY') else 'off'})")

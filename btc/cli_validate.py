@@ -5,7 +5,9 @@ builds the manifest, splits it without leakage (unless ``--no-split``), runs
 :func:`btc.validation.validate_dataset`, prints one line per expectation and the Data Docs
 path. Exit codes: 0 the data passed (warnings allowed), 1 it failed (an expectation, or a
 folder layout that cannot be read as a dataset, e.g. an unknown class folder), 2 the command
-was misused (missing reference file, unknown ``--warn-only`` name, invalid config).
+was misused (missing reference file or one whose ranges cannot be checked against, e.g. min
+above max; unknown ``--warn-only`` name; ``--workers`` below 1; a ``--docs-dir`` that cannot be
+a folder; invalid config). These are checked before the dataset is read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ OBSERVED_WIDTH = 90
 
 from btc.cli_common import config_or_fail as _load_config  # noqa: E402
 from btc.cli_common import fail as _error  # noqa: E402
+from btc.cli_common import writable_folder  # noqa: E402
 
 
 def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) -> pd.DataFrame:
@@ -88,7 +91,7 @@ def validate_command(
     split: Annotated[bool, typer.Option(
         "--split/--no-split", help="validate the leakage-free split (default) or the folders as delivered"
     )] = True,
-    workers: Annotated[int, typer.Option(help="decoding threads")] = 4,
+    workers: Annotated[int, typer.Option(min=1, help="decoding threads")] = 4,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="override, e.g. -s validation.min_class_share=0.05 (repeatable)"
@@ -97,12 +100,15 @@ def validate_command(
     """Validate a dataset with Great Expectations; exit 0 if it passes, 1 if it fails."""
     from btc.data.stats import load_reference
     from btc.paths import reports_dir
-    from btc.validation import validate_dataset
+    from btc.validation import DEFAULT_REFERENCE_PATH, reference_ranges, validate_dataset
 
     started = time.perf_counter()
     cfg = _load_config(config, set_)
-    try:
-        ref = load_reference(reference) if reference is not None else None
+    docs_dir = writable_folder(docs_dir or reports_dir() / "data_docs", "Data Docs folder (--docs-dir)")
+    reference = reference or cfg.validation.reference or DEFAULT_REFERENCE_PATH
+    try:  # a reference whose ranges cannot be checked against is a configuration error, told before any work
+        ref = load_reference(reference)
+        reference_ranges(ref, Path(reference))
     except ValueError as err:
         raise _error(str(err), 2) from None
     frame = _dataset_frame(data_dir, cfg.data, split=split, workers=workers)
@@ -112,7 +118,7 @@ def validate_command(
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     try:
         report = validate_dataset(frame, reference=ref, config=cfg.validation, warn_only=warn_only or (),
-                                  data_docs_dir=docs_dir or reports_dir() / "data_docs", near_duplicate_distance=cfg.data.near_duplicate_distance,
+                                  data_docs_dir=docs_dir, near_duplicate_distance=cfg.data.near_duplicate_distance,
                                   workers=workers)
     except ValueError as err:
         raise _error(str(err), 2) from None

@@ -33,11 +33,22 @@ CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 """
 
 
+def _not_a_log(err: Exception) -> bool:
+    """Whether ``err`` says the file is no prediction log (not SQLite, damaged, other tables), not that it is locked."""
+    if isinstance(err, pd.errors.DatabaseError):  # pandas wraps the sqlite3 error
+        err = err.__cause__
+    return type(err) is sqlite3.DatabaseError or (
+        isinstance(err, sqlite3.OperationalError) and str(err).startswith(("no such table", "no such column")))
+
+
 class PredictionLog:
     """Append and read prediction records.
 
     Args:
         path: the SQLite file (created with its folder on first use).
+
+    Every method raises ValueError, naming the file, when ``path`` is a file but not a
+    prediction log (not SQLite, or SQLite without this table's columns).
     """
 
     def __init__(self, path: str | Path):
@@ -49,10 +60,20 @@ class PredictionLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.path, timeout=30)
         if not self._ready:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(SCHEMA)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(SCHEMA)
+            except sqlite3.DatabaseError as err:
+                con.close()
+                if _not_a_log(err):
+                    raise self._error(err) from None
+                raise
             self._ready = True
         return con
+
+    def _error(self, err: Exception) -> ValueError:
+        cause = err.__cause__ if isinstance(err, pd.errors.DatabaseError) else err
+        return ValueError(f"{str(self.path)!r} is not a prediction log (SQLite): {cause}")
 
     def append(self, records: list[dict]) -> None:
         """Append records (keys as in :data:`SCHEMA`; ``ts`` defaults to now)."""
@@ -88,6 +109,10 @@ class PredictionLog:
         con = self._connect()
         try:
             df = pd.read_sql_query(query + " ORDER BY id", con, params=args)
+        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
+            if _not_a_log(err):
+                raise self._error(err) from None
+            raise
         finally:
             con.close()
         if df.empty:
@@ -105,5 +130,9 @@ class PredictionLog:
         con = self._connect()
         try:
             return int(con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+        except sqlite3.DatabaseError as err:
+            if _not_a_log(err):
+                raise self._error(err) from None
+            raise
         finally:
             con.close()

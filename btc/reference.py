@@ -22,6 +22,7 @@ version, column groups, counts).
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ import pandas as pd
 
 from btc.data.images import gray_of
 from btc.data.stats import image_statistics
+from btc.tables import read_parquet
 
 REFERENCE_FORMAT = "btc-monitoring-reference/1"
 PREDICTION_COLUMNS = ("predicted", "confidence", "prob_entropy")
@@ -270,20 +272,37 @@ def load_reference(directory: str | Path) -> Reference:
     """Read a reference written by :meth:`Reference.save`.
 
     Raises:
-        MonitoringError: the folder or one of its files is missing, or it is not a btc reference.
+        MonitoringError: the folder or one of its files is missing or cannot be read (the message
+            names the file), or it is not a btc reference.
     """
     directory = Path(directory)
     missing = [name for name in (FEATURES_FILE, PCA_FILE, METADATA_FILE) if not (directory / name).is_file()]
     if missing:
         raise MonitoringError(f"monitoring reference {str(directory)!r} lacks {', '.join(missing)}; "
                               "build one with btc.reference.build_reference(...).save(dir) when promoting a model")
-    metadata = json.loads((directory / METADATA_FILE).read_text())
+    rebuild = "rebuild the reference with btc monitor-reference"
+    path = directory / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MonitoringError(f"{str(path)!r} cannot be read as JSON ({err}); {rebuild}") from None
+    if not isinstance(metadata, dict):
+        raise MonitoringError(f"{str(path)!r} holds a JSON {type(metadata).__name__}; expected an object with "
+                              f"format {REFERENCE_FORMAT!r}; {rebuild}")
     if metadata.get("format") != REFERENCE_FORMAT:
-        raise MonitoringError(f"{str(directory / METADATA_FILE)!r} has format {metadata.get('format')!r}; "
-                              f"expected {REFERENCE_FORMAT!r}")
-    with np.load(directory / PCA_FILE) as pca:
-        components, mean = pca["components"], pca["mean"]
-    return Reference(pd.read_parquet(directory / FEATURES_FILE), components, mean, metadata)
+        raise MonitoringError(f"{str(path)!r} has format {metadata.get('format')!r}; expected {REFERENCE_FORMAT!r}")
+    path = directory / PCA_FILE
+    try:
+        with np.load(path) as pca:
+            components, mean = pca["components"], pca["mean"]
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:  # TypeError: a bare .npy array
+        raise MonitoringError(f"{str(path)!r} cannot be read as the reference PCA ({err}); {rebuild}") from None
+    path = directory / FEATURES_FILE
+    try:
+        features = read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise MonitoringError(f"{str(path)!r} cannot be read as Parquet ({err}); {rebuild}") from None
+    return Reference(features, components, mean, metadata)
 
 
 def features_from_log(log_df: pd.DataFrame, reference: Reference) -> pd.DataFrame:

@@ -10,25 +10,28 @@ requests into 4xx answers that say what was wrong:
 * an upload endpoint needs a ``multipart/form-data`` body (400 when empty, 415 for another
   content type) no larger than its limit (413, checked from ``Content-Length`` and while
   streaming);
-* while the body streams through, the form's part headers are read (nothing is buffered).
-  A part in a field other than the upload field, or a text part in the upload field, stops
-  the request there with a 400 saying so: BentoML would otherwise read a binary file as JSON
-  text (500), or take a text value as a URL and download it. If the endpoint answers with
-  an error that the form explains (no file, empty form), the guard answers with that.
+* while the body streams through, python-multipart's streaming parser (the one Starlette,
+  and so BentoML, parses the form with) reads the part headers; nothing is buffered, and
+  bytes inside a file that look like a header are file bytes, not a part. A part in a field
+  other than the upload field, a text part in the upload field, a second file where the
+  endpoint takes one, or a body that is not valid multipart stops the request there with a
+  400 saying so: BentoML would otherwise read a binary file as JSON text (500), take a text
+  value as a URL and download it, or answer the first file and silently drop the others.
+  If the endpoint answers with an error that the form explains (no file, empty form), the
+  guard answers with that.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import re
 from typing import Any, Awaitable, Callable
 
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import JSONResponse
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-_PART_NAME = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"([^\r\n]*)', re.IGNORECASE)
-_CARRY = 4096  # bytes kept between chunks so a part header split across two chunks is still seen
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -47,34 +50,76 @@ async def _answer(scope: Scope, receive: Receive, send: Send, status: int, messa
 
 
 class _FormScan:
-    """Counts the body's bytes and notes the form's part names as the body streams to the app."""
+    """Counts the body's bytes and reads the form's part headers as the body streams to the app.
 
-    def __init__(self, field: str, limit: int):
-        self.field, self.limit = field, limit
+    Args:
+        field: the form field that carries the upload(s).
+        limit: the largest body accepted, in bytes.
+        boundary: the multipart boundary, from the request's ``Content-Type``.
+        one_file: what to tell a client that sent several files where the endpoint takes one
+            (None: several files are fine).
+    """
+
+    def __init__(self, field: str, limit: int, boundary: bytes, one_file: str | None = None):
+        self.field, self.limit, self.one_file = field, limit, one_file
         self.size = 0
-        self.parts: dict[int, tuple[str, bool]] = {}  # offset -> (name, has a filename)
-        self._tail = b""
+        self.parts: list[tuple[str | None, bool]] = []  # (field name, None without one; has a filename)
+        self.malformed: str | None = None
+        self._header_name = self._header_value = self._disposition = b""
+        self._parser = MultipartParser(boundary, {
+            "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value, "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished})
+
+    def _on_part_begin(self) -> None:
+        self._disposition = b""
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _on_headers_finished(self) -> None:
+        # Starlette's rule: the part is a file exactly when its Content-Disposition has a filename.
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        self.parts.append((None if name is None else name.decode("utf-8", "replace"), b"filename" in options))
 
     def feed(self, chunk: bytes) -> None:
-        start = self.size - len(self._tail)
-        window = self._tail + chunk
-        for match in _PART_NAME.finditer(window):
-            name = match.group(1).decode("utf-8", "replace")
-            self.parts[start + match.start()] = (name, b"filename=" in match.group(2).lower())
         self.size += len(chunk)
-        self._tail = window[-_CARRY:]
+        if self.malformed is not None or self.size > self.limit:
+            return  # the request is refused already: no need to read on
+        try:
+            self._parser.write(chunk)
+        except FormParserError as err:
+            self.malformed = str(err)
 
     def refusal(self) -> tuple[int, str] | None:
         """Why the request must stop now, whatever the endpoint would do (None: let it go on)."""
         field = self.field
         if self.size > self.limit:
             return 413, f"request body is over the limit of {self.limit} bytes for this endpoint"
-        unexpected = sorted({name for name, _ in self.parts.values() if name != field})
+        if self.malformed is not None:
+            return 400, (f"the body is not valid multipart/form-data ({self.malformed}); "
+                         f"send the image file in field '{field}'")
+        if any(name is None for name, _ in self.parts):
+            return 400, (f"a form part has no field name in its Content-Disposition header; "
+                         f"send the image file in field '{field}'")
+        unexpected = sorted({name for name, _ in self.parts if name != field})
         if unexpected:
             return 400, (f"unexpected form field(s) {', '.join(repr(n) for n in unexpected)}; "
                          f"this endpoint takes the image file(s) in field '{field}'")
-        if any(not has_file for name, has_file in self.parts.values() if name == field):
+        if any(not has_file for _, has_file in self.parts):
             return 400, f"form field '{field}' must be a file upload (a part with a filename), not text"
+        if self.one_file is not None and len(self.parts) > 1:
+            return 400, (f"{len(self.parts)} files sent in field '{field}'; this endpoint takes one file "
+                         f"per request; {self.one_file}")
         return None
 
     def diagnosis(self) -> tuple[int, str] | None:
@@ -93,13 +138,16 @@ class RequestGuard:
         app: the wrapped ASGI app.
         upload_fields: upload path -> the form field that carries the file(s).
         max_body_bytes: upload path -> the largest request body accepted.
+        one_file: upload path that takes one file per request -> what to tell a client that sent
+            several (e.g. which endpoint takes them).
         api_key: required key; default ``$BTC_API_KEY`` read when the app is built (none: open).
     """
 
     def __init__(self, app, *, upload_fields: dict[str, str], max_body_bytes: dict[str, int],
-                 api_key: str | None = None):
+                 one_file: dict[str, str] | None = None, api_key: str | None = None):
         self.app = app
         self.upload_fields, self.max_body_bytes = upload_fields, max_body_bytes
+        self.one_file = one_file or {}
         self.api_key = api_key if api_key is not None else (os.environ.get("BTC_API_KEY") or None)
 
     def _authorised(self, scope: Scope) -> bool:
@@ -119,7 +167,8 @@ class RequestGuard:
         if field is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         limit = self.max_body_bytes[path]
-        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        content_type, options = parse_options_header(_header(scope, b"content-type") or "")
+        content_type = content_type.decode("latin-1").lower()
         length = _header(scope, b"content-length")
         if not content_type and length in (None, "0"):
             return await _answer(scope, receive, send, 400,
@@ -131,7 +180,12 @@ class RequestGuard:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _answer(scope, receive, send, 413,
                                  f"request body is {length} bytes, over the limit of {limit} bytes for this endpoint")
-        await self._scan_through(scope, receive, send, _FormScan(field, limit))
+        boundary = options.get(b"boundary")
+        if not boundary:
+            return await _answer(scope, receive, send, 400,
+                                 "multipart/form-data without a boundary in the Content-Type header; "
+                                 f"send the image file in field '{field}' with a client that writes the form")
+        await self._scan_through(scope, receive, send, _FormScan(field, limit, boundary, self.one_file.get(path)))
 
     async def _scan_through(self, scope: Scope, receive: Receive, send: Send, scan: _FormScan) -> None:
         replaced = False

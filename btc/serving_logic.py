@@ -232,6 +232,22 @@ def model_card(predictor, rule: OodRule | None = None) -> dict:
     return card
 
 
+def explanation(predictor, image: np.ndarray) -> dict:
+    """What the model service answers for ``/explain``: the LayerCAM overlay and the prediction to log.
+
+    Args:
+        predictor: a :class:`btc.predict.Predictor`.
+        image: uint8 ``[S, S]`` at the model's input size.
+
+    Returns:
+        ``png``: the overlay of the predicted class, PNG-encoded; ``output``: the image's item of
+        :func:`model_outputs` (probabilities and embedding), so that the answer and its
+        prediction-log record are built exactly as for ``/predict``.
+    """
+    _, overlay, _ = predictor.explain(image)
+    return {"png": png_bytes(overlay), "output": model_outputs(predictor, image[None])[0]}
+
+
 def png_bytes(rgb: np.ndarray) -> bytes:
     """Encode an RGB (or grayscale) uint8 array as PNG."""
     buffer = io.BytesIO()

@@ -25,6 +25,7 @@ from btc.data.loaders import ArrayBatches
 from btc.labels import CLASSES
 from btc.metrics import fit_temperature
 from btc.models import build_model
+from btc.tables import read_parquet
 from btc.train import check_resumable, fit, predict_logits, resolve_device
 from btc.transforms import Augment
 
@@ -90,7 +91,7 @@ def check_same_run(run_dir: Path, cfg: Config, split: pd.DataFrame) -> None:
     what its ``last.pt`` holds (the batch size, the model, the augmentation, ...); the message names
     each setting. ``train.epochs`` is checked against ``last.pt`` itself (:func:`btc.train.check_resumable`)."""
     if (run_dir / "split.parquet").is_file():
-        before = _split_key(pd.read_parquet(run_dir / "split.parquet", columns=["sha256", "label", "split"]))
+        before = _split_key(read_parquet(run_dir / "split.parquet", columns=["sha256", "label", "split"]))
         now = _split_key(split)
         if before != now:
             raise ValueError(f"cannot resume {run_dir} on other data: {len(before - now)} of its train/val images are "

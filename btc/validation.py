@@ -25,6 +25,7 @@ seconds to import and the CLI imports this module for every command.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -128,8 +129,19 @@ def expectation_names(path: Path = SUITE_PATH) -> list[str]:
     return [e["meta"]["name"] for e in load_suite_spec(path)["expectations"]]
 
 
-def suite_parameters(config: ValidationConfig, reference: dict) -> dict:
-    """The values of the suite's ``$PARAMETER`` placeholders, from the config and the reference."""
+def suite_parameters(config: ValidationConfig, reference: dict,
+                     source: str | Path = "the statistics reference") -> dict:
+    """The values of the suite's ``$PARAMETER`` placeholders, from the config and the reference.
+
+    Args:
+        config: thresholds.
+        reference: statistics ranges.
+        source: where ``reference`` came from (its file), named when one of its ranges is unusable.
+
+    Raises:
+        ValueError: ``min_side_px`` is above ``max_side_px``, or a range of the reference is
+            unusable (see :func:`reference_ranges`).
+    """
     if config.min_side_px > config.max_side_px:
         raise ValueError(
             f"min_side_px={config.min_side_px} is above max_side_px={config.max_side_px}; expected min <= max"
@@ -142,13 +154,46 @@ def suite_parameters(config: ValidationConfig, reference: dict) -> dict:
         "allowed_modes": list(config.allowed_modes),
         "stats_mostly": config.stats_mostly,
     }
-    ranges = reference.get("ranges", {})
-    missing = [name for name in CHECKED_STATISTICS if len(ranges.get(name) or []) != 2]
-    if missing:
-        raise ValueError(f"the statistics reference lacks a [min, max] range for {', '.join(missing)}")
-    for name in CHECKED_STATISTICS:
-        parameters[f"{name}_min"], parameters[f"{name}_max"] = (float(v) for v in ranges[name])
+    for name, (low, high) in reference_ranges(reference, source).items():
+        parameters[f"{name}_min"], parameters[f"{name}_max"] = low, high
     return parameters
+
+
+def reference_ranges(reference: dict, source: str | Path = "the statistics reference") -> dict[str, tuple[float, float]]:
+    """The ``(min, max)`` of each checked statistic, once it is known that every range can be checked against.
+
+    A reference whose range is missing, not numeric, not finite or upside down (min above max)
+    would make GX fail an expectation for a reason unrelated to the data, so it is refused
+    as a configuration error instead.
+
+    Args:
+        reference: a statistics reference (:func:`btc.data.stats.load_reference`).
+        source: the reference file, named in the error.
+
+    Raises:
+        ValueError: a range of :data:`CHECKED_STATISTICS` is missing or unusable; the message
+            names ``source`` and the statistic.
+    """
+    source = f"statistics reference {str(source)!r}" if isinstance(source, Path) else source
+    ranges = reference.get("ranges") if isinstance(reference, dict) else None
+    ranges = ranges if isinstance(ranges, dict) else {}
+    missing = [name for name in CHECKED_STATISTICS
+               if not isinstance(ranges.get(name), (list, tuple)) or len(ranges[name]) != 2]
+    if missing:
+        raise ValueError(f"{source} lacks a [min, max] range for {', '.join(missing)}")
+    checked = {}
+    for name in CHECKED_STATISTICS:
+        try:
+            low, high = (float(v) for v in ranges[name])
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: the range of {name} is {ranges[name]!r}; "
+                             "expected two numbers [min, max]") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            why = "not finite" if not (math.isfinite(low) and math.isfinite(high)) else "min above max"
+            raise ValueError(f"{source}: the range of {name} is [{low}, {high}] ({why}); "
+                             "expected finite numbers with min <= max")
+        checked[name] = (low, high)
+    return checked
 
 
 # --- the frame GX validates --------------------------------------------------------------------
@@ -371,9 +416,11 @@ def validate_dataset(
         raise ValueError(
             f"unknown expectation {', '.join(map(repr, unknown))} in warn-only; expected one of {', '.join(names)}"
         )
+    source = "the statistics reference"
     if reference is None:
-        reference = load_reference(config.reference or DEFAULT_REFERENCE_PATH)
-    parameters = suite_parameters(config, reference)
+        source = Path(config.reference or DEFAULT_REFERENCE_PATH)
+        reference = load_reference(source)
+    parameters = suite_parameters(config, reference, source)
     frame = validation_frame(manifest_or_split, near_duplicate_distance=near_duplicate_distance, workers=workers)
     data_docs_dir = Path(data_docs_dir).resolve()
     data_docs_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ fewer than ``min_predictions`` predictions by the reference's model all raise
 from __future__ import annotations
 
 import logging
+import math
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,19 +34,53 @@ def window_bounds(window_hours: float, since: datetime | None = None, until: dat
     """``[since, until)`` in UTC: ``until`` defaults to now, ``since`` to ``until - window_hours``.
 
     Raises:
-        ValueError: ``window_hours`` is not positive, or ``since`` is not before ``until``.
+        ValueError: ``window_hours`` is not a finite positive number, or ``since`` is not before ``until``.
     """
-    if window_hours <= 0:
-        raise ValueError(f"window_hours={window_hours}; expected a positive number of hours")
+    check_options(window_hours=window_hours)
     until = _utc(until or now or datetime.now(timezone.utc))
-    since = _utc(since) if since is not None else until - timedelta(hours=window_hours)
+    try:
+        since = _utc(since) if since is not None else until - timedelta(hours=window_hours)
+    except OverflowError:
+        raise ValueError(f"window_hours={window_hours} reaches back before the year 1 from {until.isoformat()}; "
+                         "expected a shorter window") from None
     if since >= until:
         raise ValueError(f"window since {since.isoformat()} is not before until {until.isoformat()}")
     return since, until
 
 
+def check_options(*, window_hours: float | None = None, min_predictions: int | None = None,
+                  threshold: float | None = None) -> None:
+    """Refuse monitoring options no report can be made with (those given; None is not checked).
+
+    Called before anything is read, so a wrong option is told apart from a wrong file.
+
+    Raises:
+        ValueError: ``window_hours`` is not a finite number above 0, ``min_predictions`` is
+            below 1, or ``threshold`` is not within [0, 1].
+    """
+    if window_hours is not None and not (math.isfinite(window_hours) and window_hours > 0):
+        raise ValueError(f"window_hours={window_hours}; expected a finite number of hours above 0")
+    if min_predictions is not None and not min_predictions >= 1:
+        raise ValueError(f"min_predictions={min_predictions}; expected at least 1")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold={threshold}; expected a drift share from 0 to 1")
+
+
 def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def check_log_file(log_path: str | Path) -> None:
+    """Refuse a ``log_path`` that exists but is no prediction log; an absent log is :func:`read_window`'s to report.
+
+    Raises:
+        ValueError: ``log_path`` is a folder, or a file that is not a prediction log.
+    """
+    log_path = Path(log_path)
+    if log_path.is_dir():
+        raise ValueError(f"prediction log {str(log_path)!r} is a folder; expected the SQLite file the service writes")
+    if log_path.is_file():
+        PredictionLog(log_path).count()
 
 
 def read_window(log_path: str | Path, reference: Reference, since: datetime, until: datetime, *,
@@ -55,8 +90,10 @@ def read_window(log_path: str | Path, reference: Reference, since: datetime, unt
     Raises:
         MonitoringError: the log is absent or empty, the window holds only other models'
             predictions, or fewer than ``min_predictions`` rows.
+        ValueError: ``log_path`` is a folder, or a file that is not a prediction log.
     """
     log_path = Path(log_path)
+    check_log_file(log_path)
     if not log_path.is_file():
         raise MonitoringError(f"prediction log {str(log_path)!r} does not exist; the service writes it on its first prediction")
     prediction_log = PredictionLog(log_path)
@@ -134,10 +171,13 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
         workspace: an Evidently workspace folder to add the snapshot to (the dashboard); None skips it.
 
     Raises:
-        MonitoringError: missing reference, absent or empty log, too few predictions in the window.
+        MonitoringError: missing or unreadable reference, absent or empty log, too few predictions in the window.
+        ValueError: an invalid option (checked before any file is read), or ``log_path`` is not a prediction log.
     """
-    reference = load_reference(reference_dir)
+    check_options(window_hours=window_hours, min_predictions=min_predictions, threshold=threshold)
     since, until = window_bounds(window_hours, since, until)
+    check_log_file(log_path)  # a misused option is refused before the reference's Parquet is read
+    reference = load_reference(reference_dir)
     rows = read_window(log_path, reference, since, until, min_predictions=min_predictions)
     current = features_from_log(rows, reference)
     stem = Path(out_dir) / f"drift-{until:%Y%m%dT%H%M%SZ}"

@@ -91,8 +91,7 @@ class ModelRunner:
 
     @bentoml.api
     def explain(self, image: np.ndarray) -> dict:
-        _, overlay, result = self.predictor.explain(image)
-        return {"png": logic.png_bytes(overlay), **result}
+        return logic.explanation(self.predictor, image)
 
     @bentoml.api
     def card(self) -> dict:
@@ -159,12 +158,15 @@ class BrainTumorClassifier:
                                     model_version=card["model_version"], rule=SETTINGS.rule,
                                     elapsed_ms=(time.perf_counter() - started) * 1000)
                    for u, out in zip(uploads, outputs)]
+        await self._log_answers(uploads, answers, outputs)
+        return answers
+
+    async def _log_answers(self, uploads: list[logic.Upload], answers: list[dict], outputs: list[dict]) -> None:
         records = [logic.log_record(u, a, out) for u, a, out in zip(uploads, answers, outputs)]
         try:
             await anyio.to_thread.run_sync(self.log.append, records)
         except Exception:  # a full disk must not cost the clinician the answer; the log says why
             log.exception("could not append %d records to the prediction log %s", len(records), self.log.path)
-        return answers
 
     @bentoml.api
     async def predict(self, image: Path) -> dict:
@@ -198,15 +200,24 @@ class BrainTumorClassifier:
 
     @bentoml.api
     async def explain(self, image: Path) -> Annotated[Path, ContentType("image/png")]:
-        """LayerCAM overlay (PNG) of the predicted class for one image; the prediction is in the headers."""
+        """LayerCAM overlay (PNG) of the predicted class for one image; the prediction is in the headers.
+
+        The prediction is appended to the prediction log like one of ``/predict``.
+        """
+        started = time.perf_counter()
         try:
             upload = (await self._read([image]))[0]
         except logic.UploadError as err:
             return _error(err)
         card = await self._model_card()
         result = await self._call_model("explain", logic.model_inputs([upload], card["input"]["size"][0])[0])
+        output = result["output"]
+        answer = logic.prediction(upload, output, classes=card["classes"], model_name=card["model_name"],
+                                  model_version=card["model_version"], rule=SETTINGS.rule,
+                                  elapsed_ms=(time.perf_counter() - started) * 1000)
+        await self._log_answers([upload], [answer], [output])
         return Response(result["png"], media_type="image/png", headers={
-            "X-Predicted-Class": result["label"], "X-Confidence": f"{result['confidence']:.6f}",
+            "X-Predicted-Class": answer["predicted"], "X-Confidence": f"{answer['confidence']:.6f}",
             "X-Model-Name": card["model_name"], "X-Model-Version": card["model_version"]})
 
     @web.get("/metadata")
@@ -218,6 +229,8 @@ class BrainTumorClassifier:
 BrainTumorClassifier.add_asgi_middleware(
     RequestGuard,
     upload_fields=UPLOAD_FIELDS,
+    one_file={"/predict": "use /predict_batch (repeated field 'images') for several images",
+              "/explain": "send one request per image"},
     max_body_bytes={"/predict": SETTINGS.max_upload_bytes + 65536, "/explain": SETTINGS.max_upload_bytes + 65536,
                     "/predict_batch": SETTINGS.max_batch_images * (SETTINGS.max_upload_bytes + 4096) + 65536},
 )

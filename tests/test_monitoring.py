@@ -8,6 +8,7 @@ are "the service's traffic".
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sqlite3
@@ -25,8 +26,8 @@ from btc.data.images import decode_gray
 from btc.data.stats import image_statistics
 from btc.predict import Predictor
 from btc.predlog import SCHEMA, PredictionLog
-from btc.reference import (MonitoringError, build_reference, features_from_log, load_reference, log_records,
-                           prediction_record, probability_entropy, records_frame, reference_from_records)
+from btc.reference import (REFERENCE_FORMAT, MonitoringError, build_reference, features_from_log, load_reference,
+                           log_records, prediction_record, probability_entropy, records_frame, reference_from_records)
 from monitoring.actions import RETRAIN_DEPLOYMENT, act_on_drift
 from monitoring.dashboard import PROJECT, ensure_project, snapshot_points
 from monitoring.drift import drift_report
@@ -298,6 +299,115 @@ def test_cli_monitor_reference_builds_from_the_validation_split(trained_run, syn
     assert reference.embedding_columns == ["emb_pc1", "emb_pc2", "emb_pc3", "emb_pc4"]
     wrong = CliRunner().invoke(app, args + ["--split-name", "holdout"])
     assert wrong.exit_code == 2 and "no rows with split 'holdout'" in wrong.output
+
+
+def _cli(name: str, command):
+    import typer
+
+    app = typer.Typer()
+    app.command(name)(command)
+    app.command("unused")(lambda: None)  # two commands: typer keeps the name as a sub-command name
+    return app
+
+
+def _unreadable_reference(folder: Path, broken: str) -> Path:
+    """A reference folder with all three files, ``broken`` of them not in its format."""
+    folder.mkdir()
+    metadata = {"format": REFERENCE_FORMAT, "model_name": "m", "model_version": "1"}
+    (folder / "reference.json").write_text(json.dumps(metadata))
+    np.savez(folder / "pca.npz", components=np.eye(2), mean=np.zeros(2))
+    (folder / "features.parquet").write_bytes(b"PAR1 not really")
+    (folder / broken).write_text('{"format": "btc-monitoring-reference/1",' if broken.endswith(".json") else "garbage")
+    return folder
+
+
+def test_prediction_log_names_a_file_that_is_not_one(tmp_path):
+    text = tmp_path / "x.txt"
+    text.write_text("ts,predicted\n2025-03-01,glioma\n")
+    for call in (lambda log: log.count(), lambda log: log.read(), lambda log: log.append([])):
+        with pytest.raises(ValueError, match=r"x\.txt' is not a prediction log \(SQLite\): file is not a database"):
+            call(PredictionLog(text))
+    foreign = tmp_path / "other.sqlite"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE predictions (id INTEGER, ts TEXT)")
+    with pytest.raises(ValueError, match=r"other\.sqlite' is not a prediction log \(SQLite\): no such column"):
+        PredictionLog(foreign).read()
+    assert text.read_text().startswith("ts,predicted")  # refused, not converted
+
+
+@pytest.mark.parametrize("hours", [float("inf"), float("nan"), -1.0, 0.0, 1e12])
+def test_run_monitoring_refuses_a_window_before_reading_anything(hours, tmp_path):
+    # the reference folder does not exist: had it been read first, this would be a MonitoringError about it
+    with pytest.raises(ValueError, match=r"^window_hours=") as refused:
+        run_monitoring(tmp_path / "predictions.sqlite", tmp_path / "no_reference", window_hours=hours,
+                       until=DAY2, out_dir=tmp_path / "reports")
+    assert not isinstance(refused.value, MonitoringError)
+
+
+@pytest.mark.parametrize("broken", ["reference.json", "pca.npz", "features.parquet"])
+def test_an_unreadable_reference_is_named(broken, tmp_path):
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import monitor_command
+
+    folder = _unreadable_reference(tmp_path / "ref", broken)
+    with pytest.raises(MonitoringError, match=f"ref/{broken}' cannot be read as .*; rebuild the reference"):
+        load_reference(folder)
+    result = CliRunner().invoke(_cli("monitor", monitor_command), [
+        "monitor", "--reference", str(folder), "--log", str(tmp_path / "predictions.sqlite"), "--out",
+        str(tmp_path / "reports"), "--no-mlflow", "--no-dashboard"])
+    assert result.exit_code == 1, result.output
+    assert f"ref/{broken}' cannot be read as" in result.output and "Traceback" not in result.output
+
+
+def test_cli_monitor_refuses_misuse_before_reading_the_reference(tmp_path):
+    """Each misuse exits 2 with its reason; the (unreadable) reference is never reached."""
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import monitor_command
+
+    app = _cli("monitor", monitor_command)
+    a_file, text_log = tmp_path / "a_file", tmp_path / "x.txt"
+    a_file.write_text("")
+    text_log.write_text("not a database")
+    base = ["monitor", "--reference", str(_unreadable_reference(tmp_path / "ref", "features.parquet")),
+            "--log", str(tmp_path / "predictions.sqlite"), "--out", str(tmp_path / "reports"), "--no-mlflow",
+            "--no-dashboard"]
+    cases = {
+        "--window-hours inf": (["--window-hours", "inf"], "invalid --window-hours: window_hours=inf; expected a finite"),
+        "--window-hours nan": (["--window-hours", "nan"], "invalid --window-hours: window_hours=nan; expected a finite"),
+        "--window-hours -1": (["--window-hours", "-1"], "invalid --window-hours: window_hours=-1.0"),
+        "config window": (["-s", "monitoring.window_hours=inf"], "window_hours=inf; expected a finite"),
+        "since after until": (["--since", "2025-03-02", "--until", "2025-03-01"], "is not before until"),
+        "--log text": (["--log", str(text_log)], "x.txt' is not a prediction log (SQLite): file is not a database"),
+        "--log folder": (["--log", str(tmp_path)], "is a folder; expected the SQLite file"),
+        "--out file": (["--out", str(a_file)], "report folder (--out) "),
+        "--out under a file": (["--out", str(a_file / "reports")], "cannot be made: "),
+        "--workspace file": (["--dashboard", "--workspace", str(a_file)], "Evidently workspace (--workspace) "),
+    }
+    for case, (extra, message) in cases.items():
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2, f"{case}: {result.exit_code} {result.output}"
+        assert message in " ".join(result.output.split()), f"{case}: {result.output}"
+        assert "features.parquet" not in result.output and "Traceback" not in result.output, case
+    assert not (tmp_path / "reports").exists()
+
+
+def test_cli_monitor_reference_refuses_a_split_that_is_not_parquet_and_an_out_that_is_a_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import reference_command
+
+    app = _cli("monitor-reference", reference_command)
+    (tmp_path / "x.txt").write_text("path,label,split\n")
+    (tmp_path / "a_file").write_text("")
+    args = ["monitor-reference", str(tmp_path / "model.pt"), "--split", str(tmp_path / "x.txt")]
+    not_parquet = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ref")])
+    assert not_parquet.exit_code == 2, not_parquet.output
+    assert "split file" in not_parquet.output and "x.txt' cannot be read as Parquet" in not_parquet.output
+    out_is_file = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a_file")])
+    assert out_is_file.exit_code == 2 and "reference folder (--out)" in out_is_file.output
+    assert "exists and is not a folder" in out_is_file.output
 
 
 def _free_port() -> int:

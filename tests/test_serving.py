@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import sqlite3
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,14 +177,47 @@ def test_settings_come_from_the_config_file_and_env(tmp_path):
     assert logic.settings_from_env({}).log_images is False
 
 
+def multipart_body(*parts: tuple[str, bytes], boundary: str = "xyz") -> bytes:
+    """A multipart/form-data body from ``(Content-Disposition parameters, content)`` pairs, written by hand
+    so that a test controls every header byte."""
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + content
+                    + b"\r\n" for disposition, content in parts)
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def scan_of(body: bytes, chunk: int = 7, one_file: str | None = None) -> _FormScan:
+    scan = _FormScan("image", limit=1_000_000, boundary=b"xyz", one_file=one_file)
+    for start in range(0, len(body), chunk):  # headers split over many chunks
+        scan.feed(body[start:start + chunk])
+    return scan
+
+
 def test_form_scan_sees_part_names_split_across_chunks():
-    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n" + b"\xff" * 10
-            + b"\r\n--xyz--\r\n")
-    scan = _FormScan("image", limit=10_000)
-    for start in range(0, len(body), 7):  # header split over many chunks
-        scan.feed(body[start:start + 7])
+    scan = scan_of(multipart_body(('name="file"; filename="a.jpg"', b"\xff" * 10)))
     status, message = scan.refusal()
     assert status == 400 and "unexpected form field(s) 'file'" in message and "field 'image'" in message
+
+
+def test_form_scan_reads_only_real_part_headers(mri_path):
+    # A header-like line inside the file is file content; name= and filename= count in any order.
+    jpeg = mri_path.read_bytes() + b'\r\nContent-Disposition: form-data; name="other"\r\n\r\n'
+    for disposition in ('name="image"; filename="a.jpg"', 'filename="a.jpg"; name="image"'):
+        scan = scan_of(multipart_body((disposition, jpeg)))
+        assert scan.parts == [("image", True)] and scan.refusal() is None, disposition
+    text = scan_of(multipart_body(('name="image"', b"http://127.0.0.1/x.jpg")))
+    assert "must be a file upload" in text.refusal()[1]
+    nameless = scan_of(multipart_body(('filename="a.jpg"', jpeg)))
+    assert "has no field name" in nameless.refusal()[1]
+    status, message = scan_of(b"not multipart at all").refusal()
+    assert status == 400 and "not valid multipart/form-data" in message
+
+
+def test_form_scan_refuses_a_second_file_where_the_endpoint_takes_one():
+    two = multipart_body(('name="image"; filename="a.jpg"', b"\xff" * 10), ('name="image"; filename="b.jpg"', b"x"))
+    assert scan_of(two).refusal() is None  # several files are fine unless the endpoint takes one
+    status, message = scan_of(two, one_file="use /predict_batch").refusal()
+    assert status == 400 and message == ("2 files sent in field 'image'; this endpoint takes one file per request; "
+                                         "use /predict_batch")
 
 
 def test_serve_environment_passes_model_key_and_workers(tmp_path):
@@ -202,6 +239,41 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_btc_serve(model: str, home: Path, timeout: float = 90) -> tuple[int, str, float]:
+    """``btc serve --model MODEL`` as a user runs it; (exit code, stderr, seconds). A server that
+    starts anyway is stopped with Ctrl+C (SIGINT to its process group) and the test fails."""
+    env = {**os.environ, "BTC_HOME": str(home / "btc_home"), "BENTOML_HOME": str(home / "bentoml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "BENTOML_DO_NOT_TRACK": "True"}
+    started = time.monotonic()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("btc")), "serve", "--model", model,
+                             "--port", str(_free_port())], env=env, cwd=home, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"btc serve --model {model} still running after {timeout} s:\n{err[-2000:]}")
+    return proc.returncode, err, time.monotonic() - started
+
+
+@pytest.mark.parametrize("model, message", [
+    ("missing.pt", "model 'missing.pt' is neither an existing model.pt nor a models:/ or runs:/ URI"),
+    ("fake.pt", "fake.pt' is not a readable btc model file"),
+    ("models:/nope@champion", "cannot load model 'models:/nope@champion': Registered Model with name=nope not found"),
+])
+def test_btc_serve_exits_2_when_the_model_cannot_load(tmp_path, model, message):
+    # Without the check BentoML restarts the model worker for ever and `btc serve` never exits.
+    (tmp_path / "fake.pt").write_text("a text file, not a model\n")
+    if model.startswith("models:/"):  # a real, empty store: the registry has no such model
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_registered_models()
+    code, err, seconds = run_btc_serve(model, tmp_path)
+    assert code == 2 and message in " ".join(err.split()), err
+    assert "Starting production" not in err and seconds < 60
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +360,12 @@ class TestService:
         ("wrong field", {}, 400,
          "unexpected form field(s) 'file'; this endpoint takes the image file(s) in field 'image'"),
         ([("image", (None, b"http://127.0.0.1/x.jpg"))], {}, 400, "must be a file upload"),
+        ("two files", {}, 400, "2 files sent in field 'image'; this endpoint takes one file per request; "
+                               "use /predict_batch (repeated field 'images') for several images"),
+        (None, {"content": b"garbage", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}}, 400,
+         "the body is not valid multipart/form-data"),
+        (None, {"content": b"garbage", "headers": {**AUTH, "Content-Type": "multipart/form-data"}}, 400,
+         "multipart/form-data without a boundary"),
         (None, {}, 400, "empty request: send multipart/form-data"),
         (None, {"json": {"image": "x"}}, 415, "unsupported content type 'application/json'"),
         (None, {"content": b"", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}}, 400,
@@ -299,9 +377,31 @@ class TestService:
             files = [("image", ("cut.jpg", mri_path.read_bytes()[:300], "image/jpeg"))]
         elif files == "wrong field":
             files = image_file(mri_path, field="file")
+        elif files == "two files":
+            files = image_file(mri_path) + [("image", ("x.txt", b"second file", "text/plain"))]
+        log = PredictionLog(server[1] / "btc_home" / "predictions.sqlite")
+        before = log.count()
         response = post(url, "/predict", files, **kwargs)
         assert response.status_code == status, response.text
         assert message in response.json()["error"]
+        assert log.count() == before  # a refused request is not logged
+
+    def test_a_second_file_to_explain_is_refused(self, server, mri_path):
+        url, _ = server
+        response = post(url, "/explain", image_file(mri_path) + image_file(mri_path))
+        assert response.status_code == 400 and "send one request per image" in response.json()["error"]
+
+    def test_only_real_part_headers_count(self, server, mri_path):
+        url, _ = server
+        # Header-like bytes after the end of a JPEG are file content, not a form field.
+        tail = b'\r\nContent-Disposition: form-data; name="other"'
+        response = post(url, "/predict", [("image", ("tail.jpg", mri_path.read_bytes() + tail, "image/jpeg"))])
+        assert response.status_code == 200 and response.json()["filename"] == "tail.jpg", response.text
+        # filename= before name= is still a file upload (Starlette parses it as one).
+        body = multipart_body(('filename="good.jpg"; name="image"', mri_path.read_bytes()), boundary="btc-b")
+        response = post(url, "/predict", content=body,
+                        headers={**AUTH, "Content-Type": "multipart/form-data; boundary=btc-b"})
+        assert response.status_code == 200 and response.json()["filename"] == "good.jpg", response.text
 
     def test_predict_batch_answers_each_file(self, server, mri_paths):
         url, _ = server
@@ -353,6 +453,18 @@ class TestService:
         with ThreadPoolExecutor(16) as pool:
             statuses = list(pool.map(lambda i: post(url, "/predict", files[i % 16]).status_code, range(128)))
         assert statuses == [200] * 128, sorted(set(statuses))
+
+    def test_explain_logs_its_prediction(self, server, mri_path, trained_run):
+        url, home = server
+        log = PredictionLog(home / "btc_home" / "predictions.sqlite")
+        before = log.count()
+        response = post(url, "/explain", image_file(mri_path))
+        assert response.status_code == 200, response.text
+        assert log.count() == before + 1
+        row = log.read().iloc[-1]
+        assert row["predicted"] == response.headers["x-predicted-class"]
+        assert row["confidence"] == pytest.approx(float(response.headers["x-confidence"]), abs=1e-6)
+        assert row["model_version"] == trained_run.model_path.parent.name and len(row["embedding"]) > 0
 
     def test_every_prediction_is_logged_without_the_image(self, server, mri_paths, trained_run):
         url, home = server

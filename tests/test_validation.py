@@ -313,6 +313,49 @@ def test_cli_refuses_a_missing_reference_file(cli_app, clean_dir, tmp_path):
     assert "nope.json' does not exist" in result.output
 
 
+def _reference_with(tmp_path: Path, name: str = "ref.json", **ranges) -> Path:
+    """The shipped statistics reference with some ranges replaced, saved as ``tmp_path/name``."""
+    from btc.validation import DEFAULT_REFERENCE_PATH
+
+    reference = json.loads(DEFAULT_REFERENCE_PATH.read_text())
+    reference["ranges"].update(ranges)
+    path = tmp_path / name
+    path.write_text(json.dumps(reference))
+    return path
+
+
+def test_cli_refuses_misuse_before_reading_the_data(cli_app, tmp_path):
+    """Each misuse exits 2 naming the option or file; the dataset (absent here) is never reached."""
+    (tmp_path / "a_file").write_text("")
+    absent = str(tmp_path / "no_data")
+    cases = {
+        "--docs-dir file": (["--docs-dir", str(tmp_path / "a_file")], "Data Docs folder (--docs-dir) "),
+        "--workers 0": (["--workers", "0"], "'--workers'"),
+        "min above max": (["--reference", str(_reference_with(tmp_path, "upside_down.json", mean=[0.9, 0.1]))],
+                          "upside_down.json': the range of mean is [0.9, 0.1] (min above max)"),
+        "not finite": (["--reference", str(_reference_with(tmp_path, "infinite.json", entropy=[0.0, float("inf")]))],
+                       "infinite.json': the range of entropy is [0.0, inf] (not finite)"),
+        "not numbers": (["--reference", str(_reference_with(tmp_path, "words.json", contrast=["low", "high"]))],
+                        "words.json': the range of contrast is ['low', 'high']; expected two numbers"),
+    }
+    for case, (extra, message) in cases.items():
+        result = CliRunner().invoke(cli_app, [absent, "--docs-dir", str(tmp_path / "docs"), *extra])
+        assert result.exit_code == 2, f"{case}: {result.exit_code} {result.output}"
+        assert message in " ".join(result.output.split()), f"{case}: {result.output}"
+        assert "not a valid dataset" not in result.output and "--warn-only" not in result.output, case
+    assert not (tmp_path / "docs").exists()
+
+
+def test_a_reference_with_min_above_max_is_refused_naming_the_file(clean_manifest, tmp_path):
+    path = _reference_with(tmp_path, black_border_share=[0.9, 0.1])
+    named = r"statistics reference '.*ref\.json': the range of black_border_share is \[0\.9, 0\.1\] \(min above max\)"
+    with pytest.raises(ValueError, match=named):
+        _validate(clean_manifest, tmp_path, config=ValidationConfig(reference=path))
+    with pytest.raises(ValueError, match=r"the statistics reference: the range of black_border_share"):
+        _validate(clean_manifest, tmp_path, reference=load_reference(path))
+    assert not (tmp_path / "docs").exists()  # refused before GX ran
+
+
 def test_an_expectation_that_cannot_run_is_a_failure_with_the_reason(clean_manifest, tmp_path):
     suite = {"name": "broken_suite", "expectations": [{
         "type": "expect_column_values_to_be_in_set", "kwargs": {"column": "no_such_column", "value_set": [1]},

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from btc.data.discover import FoundImage, find_images
 from btc.data.images import ImageDecodeError, decode_gray
+from btc.tables import read_parquet
 
 # 256-bit pHash: the 64-bit default puts most MRI slices within a few bits of each other
 # (dark background, one head), so near-duplicate clusters percolate across the dataset.
@@ -109,7 +110,7 @@ def load_manifest(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist; build it with `btc data manifest DIR`")
     try:
-        table = pd.read_parquet(path)
+        table = read_parquet(path)
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
         raise ValueError(f"{str(path)!r} is not a readable Parquet file ({type(err).__name__}: {err})") from None
     missing = [c for c in COLUMNS if c not in table.columns]

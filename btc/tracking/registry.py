@@ -47,6 +47,7 @@ from btc.config import Config
 from btc.data.cache import decode_all
 from btc.evaluate import evaluate_predictor, rows_to_evaluate
 from btc.paths import btc_home
+from btc.tables import read_parquet
 from btc.tracking import store
 from btc.tracking.gates import GateResult, behaviour, evaluate_gates, gates_table
 from btc.tracking.model_io import load_predictor, logged_model_of_run
@@ -191,8 +192,8 @@ def frozen_eval_rows(mlflow_client: MlflowClient, run_id: str) -> tuple[pd.DataF
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/split.parquet", dst_path=tmp,
                                                        tracking_uri=mlflow_client.tracking_uri,
                                                        registry_uri=store.registry_uri(mlflow_client.tracking_uri))
-            split = pd.read_parquet(local)
-        except (MlflowException, OSError) as err:
+            split = read_parquet(local)
+        except (MlflowException, OSError, ValueError) as err:
             raise RegistryError(f"run {run_id!r} has no data/split.parquet to evaluate on ({err}); "
                                 "pass --data DIR|split.parquet") from None
     try:
