@@ -61,6 +61,11 @@ class PredictionLog:
         con = sqlite3.connect(self.path, timeout=30)
         if not self._ready:
             try:
+                tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if tables - {"sqlite_sequence"} and "predictions" not in tables:  # another program's database
+                    con.close()
+                    raise ValueError(f"{str(self.path)!r} is not a prediction log: a SQLite database of other tables "
+                                     f"({', '.join(sorted(tables)[:5])}); it is left as it was")
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(SCHEMA)
             except sqlite3.DatabaseError as err:

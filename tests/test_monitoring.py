@@ -333,6 +333,15 @@ def test_prediction_log_names_a_file_that_is_not_one(tmp_path):
     with pytest.raises(ValueError, match=r"other\.sqlite' is not a prediction log \(SQLite\): no such column"):
         PredictionLog(foreign).read()
     assert text.read_text().startswith("ts,predicted")  # refused, not converted
+    another = tmp_path / "another.sqlite"
+    with sqlite3.connect(another) as con:
+        con.execute("CREATE TABLE patients (id INTEGER)")
+    before = another.read_bytes()
+    for call in (lambda log: log.count(), lambda log: log.append([])):
+        with pytest.raises(ValueError, match=r"another\.sqlite' is not a prediction log: a SQLite database of other "
+                                             r"tables \(patients\); it is left as it was"):
+            call(PredictionLog(another))
+    assert another.read_bytes() == before  # no table added, not switched to WAL
 
 
 @pytest.mark.parametrize("hours", [float("inf"), float("nan"), -1.0, 0.0, 1e12])
