@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         mri = [Path(p) for p in split.loc[split["split"] == "test", "path"]]
     else:
         mri = sorted(p for p in args.mri.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not mri:
+        raise SystemExit(f"error: no MRI images (.jpg, .jpeg, .png) under {args.mri}")
     mri_flags = flags([(p.parent.name, p.read_bytes()) for p in mri], rule, predictor)
     flagged = [r for _, r in mri_flags if r]
     by_test = Counter(r.split(" (")[0] for reasons in flagged for r in reasons)

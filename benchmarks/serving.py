@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from btc.cli_serve import start_service, stop_service  # noqa: E402
 from btc.predict import Predictor  # noqa: E402
+from btc.tracking.store import tracking_uri  # noqa: E402
 
 
 def free_port() -> int:
@@ -196,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.torch_threads)
         raw = raw_model_times(Predictor.load(args.model), images)
         print(f"raw model: {raw}", flush=True)
-        env = {**os.environ, "BTC_MODEL_URI": args.model, "BTC_HOME": str(tmp / "home"),
+        # The servers run from the project root with their own BTC_HOME: an absolute model path, and the
+        # caller's MLflow store for a models:/ URI (as `btc serve` does).
+        model = str(Path(args.model).absolute()) if Path(args.model).is_file() else args.model
+        env = {**os.environ, "BTC_MODEL_URI": model, "BTC_HOME": str(tmp / "home"),
+               "MLFLOW_TRACKING_URI": tracking_uri(),
                "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
         env.pop("BTC_API_KEY", None)
         if args.torch_threads:

@@ -290,7 +290,7 @@ def predict(
 def explain(
     image: Annotated[Path, typer.Argument(help="image file")],
     model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI")],
-    out: Annotated[Path, typer.Option(help="folder for heatmap.png and overlay.png")] = Path("explanation"),
+    out: Annotated[Path, typer.Option(help="folder for <image name>_heatmap.png and <image name>_overlay.png")] = Path("explanation"),
 ):
     """LayerCAM heatmap (Grad-CAM family) and overlay PNG for one image."""
     import numpy as np

@@ -129,6 +129,9 @@ def serve_command(
     typer.echo(f"serving {env['BTC_MODEL_URI']} on http://{host}:{port} "
                f"(API key {'required' if env.get('BTC_API_KEY') else 'off'})")
     proc = subprocess.Popen(command, env=env)
+    # A supervisor (docker stop, systemd, supervisord) signals only this process: pass it on to the
+    # server and its workers rather than leave them running without us.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # the server got the Ctrl+C too; let it finish shutting down
@@ -137,7 +140,20 @@ def serve_command(
         except subprocess.TimeoutExpired:
             stop_service(proc, timeout=5)
         code = 130
+    except _Terminated:
+        stop_service(proc, timeout=GRACEFUL_SHUTDOWN_S + 10)
+        code = 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached ``btc serve``."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 def serve_command_line(host: str, port: int) -> list[str]:

@@ -70,7 +70,7 @@ def monitoring(window_hours: float = 24, config_path: str | None = None, overrid
     from prefect.artifacts import create_markdown_artifact
 
     from btc.config import load_config
-    from btc.paths import monitoring_dir, prediction_log_path
+    from btc.paths import prediction_log_path, reports_dir
     from btc.reference import MonitoringError
     from monitoring.dashboard import default_workspace
     from monitoring.run import default_reference_dir
@@ -80,7 +80,8 @@ def monitoring(window_hours: float = 24, config_path: str | None = None, overrid
     log_file = Path(log_path) if log_path else prediction_log_path()
     reference = Path(reference_dir) if reference_dir else default_reference_dir()
     try:
-        verdict = tasks.drift_report(log_file, reference, cfg, window_hours, monitoring_dir() / "reports",
+        # Reports go where `btc monitor` writes them too.
+        verdict = tasks.drift_report(log_file, reference, cfg, window_hours, reports_dir() / "monitoring",
                                      default_workspace())
     except MonitoringError as err:
         logger.warning("no drift report: %s", err)

@@ -5,7 +5,7 @@ The same three deployments as ``prefect.yaml`` (which a ``process`` work pool an
 
 * ``training-pipeline/training-pipeline``: on demand, with the data folder as parameter;
 * ``training-pipeline/retrain``: what drift triggers (see :mod:`flows.monitoring_flow`),
-  one run at a time;
+  one run at a time (a trigger while one is queued or running is dropped, not queued);
 * ``monitoring/hourly``: the monitoring flow every hour.
 
 It needs a Prefect server (``prefect server start``, and ``PREFECT_API_URL`` pointing at it):
@@ -24,6 +24,8 @@ DEFAULT_DATA_DIR = "data"
 
 def deployments(data_dir: str, config_path: str | None = None, *, monitoring_interval_s: float | None = 3600):
     """The deployments ``prefect.yaml`` also defines, as runner deployments of the flows."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     from flows.monitoring_flow import monitoring
     from flows.training_pipeline import training_pipeline
 
@@ -31,7 +33,8 @@ def deployments(data_dir: str, config_path: str | None = None, *, monitoring_int
     return [
         training_pipeline.to_deployment(name="training-pipeline", parameters=parameters, tags=["btc"],
                                         description="Validate, train, evaluate, register and gate a model."),
-        training_pipeline.to_deployment(name="retrain", parameters=parameters, concurrency_limit=1,
+        training_pipeline.to_deployment(name="retrain", parameters=parameters, concurrency_limit=ConcurrencyLimitConfig(
+                                            limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
                                         tags=["btc", "retrain"], description="Retraining started on drift."),
         monitoring.to_deployment(name="hourly", interval=monitoring_interval_s, parameters={"config_path": config_path},
                                  tags=["btc"], description="Drift over the last day of predictions, every hour."),
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config passed to every flow")
     parser.add_argument("--no-schedule", action="store_true", help="serve monitoring without its hourly schedule")
     args = parser.parse_args(argv)
+    if not os.environ.get("PREFECT_API_URL"):
+        parser.exit(2, "error: PREFECT_API_URL is not set: deployments live on a Prefect server (prefect server start, "
+                       "then export PREFECT_API_URL=http://127.0.0.1:4200/api); without one they would vanish with "
+                       "this process\n")
 
     from prefect import serve
 

@@ -123,6 +123,7 @@ def test_prefect_yaml_deploys_to_a_process_pool(prefect_api):
     assert all(d["work_pool_name"] == "btc-pool" for d in found.values())
     assert found["training-pipeline/retrain"]["parameters"]["data_dir"] == "data"
     assert found["training-pipeline/retrain"]["global_concurrency_limit"]["limit"] == 1
+    assert found["training-pipeline/retrain"]["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert [s["schedule"]["interval"] for s in found["monitoring/hourly"]["schedules"]] == [3600.0]
     pull = found["training-pipeline/training-pipeline"]["pull_steps"]
     assert pull[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)

@@ -6,6 +6,7 @@ trained model and an API key, and talk to it over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -274,6 +275,52 @@ def test_btc_serve_exits_2_when_the_model_cannot_load(tmp_path, model, message):
     code, err, seconds = run_btc_serve(model, tmp_path)
     assert code == 2 and message in " ".join(err.split()), err
     assert "Starting production" not in err and seconds < 60
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """Processes whose environment holds ``marker`` (btc serve, its server and workers in whatever session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_sigterm_to_btc_serve_stops_the_server_too(tmp_path, trained_run):
+    """What `docker stop` or systemd does: SIGTERM to btc serve alone. Nothing may keep serving."""
+    port = _free_port()
+    env = {**os.environ, "BTC_HOME": str(tmp_path / "btc_home"), "BENTOML_HOME": str(tmp_path / "bentoml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "BENTOML_DO_NOT_TRACK": "True",
+           "BTC_TORCH_THREADS": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("btc")), "serve", "--model",
+                             str(trained_run.model_path), "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = f"BENTOML_HOME={tmp_path / 'bentoml'}".encode()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("btc serve did not become ready in 120 s")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        time.sleep(2)
+        assert not _processes_with(marker), "server processes still running after SIGTERM to btc serve"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+    finally:
+        for pid in _processes_with(marker):  # only this test's processes: they carry its BENTOML_HOME
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
