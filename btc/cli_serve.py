@@ -191,8 +191,6 @@ def start_service(env: dict[str, str], *, port: int, log_path: Path, host: str =
     Raises:
         RuntimeError: the server exited or was not ready in time (the message ends with its log).
     """
-    import httpx
-
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(serve_command_line(host, port), cwd=PROJECT_ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -203,14 +201,21 @@ def start_service(env: dict[str, str], *, port: int, log_path: Path, host: str =
             problem = f"exited with {proc.returncode}" if exited else f"not ready in {ready_timeout:.0f} s"
             stop_service(proc)
             raise RuntimeError(f"bentoml serve {problem}:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
-        try:
-            if httpx.get(f"http://{host}:{port}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+        if service_ready(f"http://{host}:{port}"):
+            break
         time.sleep(0.5)
     proc.workers = _children(proc.pid)  # type: ignore[attr-defined]
     return proc
+
+
+def service_ready(url: str) -> bool:
+    """Whether the service at ``url`` answers ``/readyz`` with 200 (model loaded)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def stop_service(proc: subprocess.Popen, timeout: float = 30.0) -> None:

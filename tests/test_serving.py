@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from btc import serving_logic as logic
-from btc.cli_serve import serve_environment, start_service, stop_service
+from btc.cli_serve import serve_environment, service_ready, start_service, stop_service
 from btc.data.stats import image_statistics
 from btc.labels import CLASSES
 from btc.ood import OodRule, colour_saturation, ood_reasons, statistics_reasons
@@ -302,25 +302,25 @@ def test_sigterm_to_btc_serve_stops_the_server_too(tmp_path, trained_run):
     marker = f"BENTOML_HOME={tmp_path / 'bentoml'}".encode()
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not service_ready(f"http://127.0.0.1:{port}"):
+            if time.monotonic() > deadline:
+                pytest.fail("btc serve did not become ready in 120 s")
             time.sleep(1)
-        else:
-            pytest.fail("btc serve did not become ready in 120 s")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         time.sleep(2)
         assert not _processes_with(marker), "server processes still running after SIGTERM to btc serve"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-    finally:
-        for pid in _processes_with(marker):  # only this test's processes: they carry its BENTOML_HOME
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    finally:  # only this test's processes (they carry its BENTOML_HOME), again until none is left
+        for _ in range(20):
+            left = _processes_with(marker)
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
