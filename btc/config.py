@@ -6,6 +6,7 @@ server. ``Config`` is saved as ``config.yaml`` next to every artifact it produce
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,21 @@ class Config(_Section):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
         return path
+
+
+def flatten_config(cfg: BaseModel) -> dict[str, str]:
+    """``{"section.key": "value"}`` for every leaf of a config or one of its sections (lists as JSON)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            out[prefix] = json.dumps(node) if isinstance(node, list) else str(node)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
 
 
 class ConfigError(ValueError):

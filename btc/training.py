@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from btc.checkpoint import ModelSpec, save_model
-from btc.config import Config, load_config
+from btc.config import Config, flatten_config, load_config
 from btc.data.cache import cached_images
 from btc.data.loaders import ArrayBatches
 from btc.labels import CLASSES
@@ -75,13 +75,6 @@ RESUME_MAY_CHANGE = ("output_dir", "data.cache_dir", "train.threads", "train.dev
                      "model.pretrained", "model.init_weights")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _split_key(split: pd.DataFrame) -> set:
     return set(split.loc[split["split"].isin(["train", "val"]), ["sha256", "label", "split"]].itertuples(index=False))
 
@@ -100,14 +93,14 @@ def check_same_run(run_dir: Path, cfg: Config, split: pd.DataFrame) -> None:
     saved_config = run_dir / "config.yaml"
     if not saved_config.is_file():
         return
-    sections = {"data", "model", "train"}
-    before = _flat(load_config(saved_config).model_dump(mode="json", include=sections))
-    now = _flat(cfg.model_dump(mode="json", include=sections))
-    changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+    shaping = ("data.", "model.", "train.")  # the sections that make up what last.pt holds
+    before, now = flatten_config(load_config(saved_config)), flatten_config(cfg)
+    changed = [k for k in sorted(before.keys() | now.keys())
+               if k.startswith(shaping) and before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
     if changed:
         raise ValueError(
             f"cannot resume with other settings than the run was made with ({saved_config}): "
-            + "; ".join(f"{k} was {before.get(k)!r}, now {now.get(k)!r}" for k in changed)
+            + "; ".join(f"{k} was {before.get(k)}, now {now.get(k)}" for k in changed)
             + ". Resume with the run's own settings, or start a new run")
 
 

@@ -177,10 +177,11 @@ def _require_images_per_class(df: pd.DataFrame, usable: np.ndarray) -> None:
     if counts.empty:
         reasons = df["excluded_reason"].str.split(":").str[0].value_counts()
         raise ValueError("no usable image to split: " + ", ".join(f"{n} {why}" for why, n in reasons.items()))
-    for label in sorted(set(df["label"]) - set(counts.index)):
-        rows = df[df["label"] == label]
+    empty = sorted(set(df["label"]) - set(counts.index))
+    if empty:
+        rows = df[df["label"] == empty[0]]
         raise ValueError(
-            f"class {label!r} has no usable image: all {len(rows)} of its files are excluded "
+            f"class {empty[0]!r} has no usable image: all {len(rows)} of its files are excluded "
             f"(first: {rows['path'].iloc[0]}: {rows['excluded_reason'].iloc[0]})")
 
 

@@ -221,18 +221,24 @@ def _mark_move_failed(mlflow_client: MlflowClient, name: str, version: str, err:
                                             f"passed the gates, but moving {CHAMPION} failed ({type(err).__name__})")
 
 
-def _seen_images(mlflow_client: MlflowClient, run_id: str) -> set[str] | None:
-    """sha256 of the train and validation images of a run's logged split (None: the run logged none)."""
-    try:
-        _, split = frozen_eval_rows(mlflow_client, run_id)
-    except RegistryError:
-        return None
+def _seen_images(mlflow_client: MlflowClient, run_id: str, split: pd.DataFrame | None = None) -> set[str] | None:
+    """sha256 of the train and validation images of a run's logged split (None: the run logged none).
+
+    ``split``: that split, when the caller has already downloaded it.
+    """
+    if split is None:
+        try:
+            _, split = frozen_eval_rows(mlflow_client, run_id)
+        except RegistryError:
+            return None
     return set(split.loc[split["split"].isin(["train", "val"]), "sha256"])
 
 
 def _check_overlap(mlflow_client: MlflowClient, name: str, challenger: str, champion: str | None,
-                   rows: pd.DataFrame) -> list[str]:
+                   rows: pd.DataFrame, challenger_split: pd.DataFrame | None = None) -> list[str]:
     """Refuse evaluation images the challenger trained or chose on; note those the champion saw.
+
+    ``challenger_split``: the challenger run's split, when already downloaded.
 
     Raises:
         RegistryError: some evaluation images are in the challenger's train/val split (nothing changed).
@@ -241,7 +247,8 @@ def _check_overlap(mlflow_client: MlflowClient, name: str, challenger: str, cham
     for role, version in (("challenger", challenger), ("champion", champion)):
         if version is None:
             continue
-        seen = _seen_images(mlflow_client, mlflow_client.get_model_version(name, version).run_id)
+        seen = _seen_images(mlflow_client, mlflow_client.get_model_version(name, version).run_id,
+                            challenger_split if role == "challenger" else None)
         overlap = int(rows["sha256"].isin(seen).sum()) if seen else 0
         if overlap and role == "challenger":
             raise RegistryError(
@@ -316,11 +323,12 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
         if challenger == champion:
             return PromotionResult(name, challenger, champion, champion, False,
                                    f"version {challenger} is already {CHAMPION}; nothing to do")
+        challenger_split = None
         if eval_rows is None:
             challenger_run = mlflow_client.get_model_version(name, challenger).run_id
-            eval_rows, _ = frozen_eval_rows(mlflow_client, challenger_run)
+            eval_rows, challenger_split = frozen_eval_rows(mlflow_client, challenger_run)
             eval_source = f"test split of the challenger's run {challenger_run} (data/split.parquet)"
-        notes = _check_overlap(mlflow_client, name, challenger, champion, eval_rows)
+        notes = _check_overlap(mlflow_client, name, challenger, champion, eval_rows, challenger_split)
         eval_set = f"{eval_source or 'given rows'}: {len(eval_rows)} images"
 
         gates = _judge(name, challenger, champion, cfg, eval_rows)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Metric
 
-from btc.config import Config
+from btc.config import Config, flatten_config
 from btc.data.manifest import manifest_digest
 from btc.predict import Predictor
 from btc.tracking import store
@@ -43,21 +43,6 @@ from btc.training import TrainResult
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUMMARY_METRICS = ("n_images", "accuracy", "macro_f1", "macro_precision", "macro_recall", "macro_roc_auc",
                    "ece", "ece_before_temperature")
-
-
-def flatten_config(cfg: Config) -> dict[str, str]:
-    """``{"section.key": "value"}`` for every leaf of the config (lists as JSON)."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            out[prefix] = json.dumps(node) if isinstance(node, list) else str(node)
-
-    walk("", cfg.model_dump(mode="json"))
-    return out
 
 
 def metrics_of_test_split(report: dict) -> dict[str, float]:
