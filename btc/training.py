@@ -104,6 +104,19 @@ def check_same_run(run_dir: Path, cfg: Config, split: pd.DataFrame) -> None:
             + ". Resume with the run's own settings, or start a new run")
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
+    """One-cycle: warm up over a fifth of the steps, then anneal to almost nothing.
+
+    The warm-up lasts at least two steps: torch's OneCycleLR divides by zero when it would
+    last one (5 steps at 20 %). Under four steps in all there is nothing to warm up over,
+    so the learning rate stays at ``max_lr``.
+    """
+    if total_steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=max(0.2, 2 / total_steps))
+
+
 def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
     rows = split[split["split"] == name].sort_values("path")
     if rows.empty:
@@ -149,8 +162,7 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     model = build_model(m.arch, width=m.width, depth=m.depth, dropout=m.dropout, pretrained=m.pretrained and not resuming,
                         init_weights=None if resuming else m.init_weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * len(train_batches), pct_start=0.2)
+    scheduler = lr_schedule(optimizer, cfg.train.lr, cfg.train.epochs * len(train_batches))
     loss_fn = nn.CrossEntropyLoss(
         weight=torch.tensor(weights, dtype=torch.float32, device=device) if cfg.train.balance == "weights" else None,
         label_smoothing=cfg.train.label_smoothing)

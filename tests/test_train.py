@@ -15,7 +15,7 @@ from btc.config import load_config
 from btc.data.loaders import ArrayBatches
 from btc.models import ARCHS, build_model
 from btc.train import fit, predict_logits, resolve_device, train_one_epoch
-from btc.training import min_epochs_of
+from btc.training import lr_schedule, min_epochs_of
 from btc.transforms import Augment, preprocess, train_transform
 
 
@@ -172,6 +172,21 @@ def test_early_stopping_stops(tmp_path, min_epochs, epochs_run):
 def test_min_epochs_defaults_to_half_the_schedule():
     assert min_epochs_of(load_config(overrides=["train.epochs=30"])) == 15
     assert min_epochs_of(load_config(overrides=["train.epochs=30", "train.min_epochs=3"])) == 3
+
+
+@pytest.mark.parametrize("total_steps", range(1, 13))
+def test_lr_schedule_runs_any_number_of_steps(total_steps):
+    """OneCycleLR alone divides by zero at 5 steps (a 1-epoch run of 5 batches); the schedule must not."""
+    opt = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=0.01)
+    schedule = lr_schedule(opt, 0.01, total_steps)
+    rates = []
+    for _ in range(total_steps):  # as fit does: one optimizer step at the current rate, then the schedule's
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert all(np.isfinite(r) and 0 < r <= 0.01 + 1e-12 for r in rates)
+    if total_steps >= 4:  # warms up, then anneals to well below the peak
+        assert max(rates) > 0.9 * 0.01 and rates[-1] < 0.01 * 0.01
 
 
 def test_train_model_writes_artifacts(trained_run):
