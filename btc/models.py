@@ -28,6 +28,24 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """A 1x1 convolution with a stride, computed as subsampling then a 1x1 convolution.
+
+    The result (and its gradients) equal ``nn.Conv2d(cin, cout, 1, stride)``'s, with the same
+    parameters. It exists because torch 2.14's CPU kernel for a strided 1x1 convolution's
+    weight gradient in channels_last corrupts the heap (the process aborts with "double free
+    or corruption" or a segfault) when the input has 2 to 12 channels and the batch is odd,
+    as in ``-s model.width=8`` with an odd last batch.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, 1, 1, bias=False)
+        self.step = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, ::self.step, ::self.step])
+
+
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut; ``stride`` 2 halves the resolution."""
 
@@ -37,7 +55,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
         self.shortcut = (
             nn.Identity() if stride == 1 and cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            else nn.Sequential(StridedPointwiseConv(cin, cout, stride), nn.BatchNorm2d(cout))
         )
         self.act = nn.ReLU(inplace=True)
 
