@@ -262,7 +262,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ):
     """Print class probabilities for each image."""
-    from btc.data.images import ImageDecodeError
+    from btc.data.images import ImageDecodeError, read_image_file
     from btc.predict import Predictor
 
     try:
@@ -272,7 +272,7 @@ def predict(
     failed = 0
     for path in images:
         try:
-            result = predictor.predict([path.read_bytes()])[0]
+            result = predictor.predict([read_image_file(path)])[0]
         except (ImageDecodeError, OSError) as err:
             typer.secho(f"{path}: cannot use this image: {err}", fg=typer.colors.RED, err=True)
             failed += 1
@@ -296,7 +296,7 @@ def explain(
     import numpy as np
     from PIL import Image
 
-    from btc.data.images import ImageDecodeError
+    from btc.data.images import ImageDecodeError, read_image_file
     from btc.predict import Predictor
 
     try:
@@ -305,7 +305,7 @@ def explain(
         raise fail(str(err)) from None
     writable_folder(out)
     try:
-        heat, over, result = predictor.explain(image.read_bytes())
+        heat, over, result = predictor.explain(read_image_file(image))
     except (ValueError, ImageDecodeError, OSError) as err:
         raise fail(f"{image}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)

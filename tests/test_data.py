@@ -289,3 +289,78 @@ def test_a_file_changed_since_the_manifest_is_named_when_decoded(tmp_path):
     gone.write_text("replaced by text")
     with pytest.raises(ImageDecodeError, match=f"^{gone}: not an image"):
         cached_images(m, 32, tmp_path / "cache", progress=False)
+
+
+def test_pipes_devices_and_folders_are_refused_before_reading(tmp_path):
+    """A pipe would block for ever and /dev/zero would fill the memory, also through a link."""
+    import os
+
+    _write(tmp_path / "glioma" / "a.jpg")
+    os.mkfifo(tmp_path / "glioma" / "pipe.png")
+    (tmp_path / "glioma" / "zero.png").symlink_to("/dev/zero")
+    m = build_manifest(tmp_path, progress=False).set_index("path")
+    for name in ("pipe.png", "zero.png"):
+        assert m.loc[str(tmp_path / "glioma" / name), "error"].startswith("not a regular file (a device, pipe or socket)")
+    assert m["readable"].sum() == 1
+    for path, reason in ((tmp_path / "glioma" / "pipe.png", "not a regular file"), ("/dev/zero", "not a regular file"),
+                         (tmp_path, "is a folder")):
+        with pytest.raises(ImageDecodeError, match=reason):
+            decode_gray(path)
+
+
+def test_a_format_plugins_own_error_is_an_image_error():
+    """Pillow's DDS plugin raises NotImplementedError for an unknown pixel format."""
+    import struct
+
+    dds = (b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + b"\0" * 44 + struct.pack("<8I", 32, *[0] * 7)
+           + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + b"\0" * 64)
+    with pytest.raises(ImageDecodeError, match="NotImplementedError"):
+        decode_gray(dds)
+
+
+def test_float_images_with_nan_or_the_whole_float_range(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+    arr[5, 5] = np.nan
+    Image.fromarray(arr, "F").save(tmp_path / "nan.tiff")
+    with pytest.raises(ImageDecodeError, match="1 of 256 pixel values are NaN or infinite"):
+        decode_gray(tmp_path / "nan.tiff")
+    wide = np.zeros((16, 16), np.float32)
+    wide[:8], wide[8:] = -3e38, 3e38  # hi - lo overflows float32
+    Image.fromarray(wide, "F").save(tmp_path / "wide.tiff")
+    gray = decode_gray(tmp_path / "wide.tiff")[0]
+    assert gray[:8].max() == 0 and gray[8:].min() == 255
+
+
+def test_dicom_rescale_slope_is_applied(tmp_path):
+    import pydicom
+
+    plain = _write_dicom(tmp_path)
+    ds = pydicom.dcmread(plain)
+    ds.RescaleSlope, ds.RescaleIntercept = -1, 5000  # stored 0 means 5000: brightness order reversed
+    ds.save_as(tmp_path / "slope.dcm")
+    turned, straight = decode_gray(tmp_path / "slope.dcm")[0].astype(int), decode_gray(plain)[0].astype(int)
+    assert turned[0, 0] > turned[-1, -1] and np.abs(turned - (255 - straight)).max() <= 1  # to rounding
+
+
+def test_a_pil_image_decodes_as_its_file_does(tmp_path):
+    from btc.data.images import gray_of
+
+    ramp16 = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 40)
+    Image.fromarray(ramp16).save(tmp_path / "i16.png")
+    floats = np.linspace(0, 1, 32 * 40, dtype=np.float32).reshape(32, 40)
+    Image.fromarray(floats, "F").save(tmp_path / "f.tiff")
+    for name in ("i16.png", "f.tiff"):
+        from_file = decode_gray(tmp_path / name)[0]
+        assert from_file.max() == 255  # stretched, not clipped to black or white
+        assert np.array_equal(gray_of(Image.open(tmp_path / name)), from_file)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((30, 40), np.uint8)
+    arr[:, :5] = 255  # a bright left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored as seen rotated: a viewer turns it 90 degrees clockwise
+    Image.fromarray(arr).save(tmp_path / "turned.jpg", exif=exif.tobytes(), quality=95)
+    gray, info = decode_gray(tmp_path / "turned.jpg")
+    assert (info.width, info.height) == (40, 30) and gray.shape == (40, 30)
+    assert gray[:5].mean() > 200 and gray[-5:].mean() < 50  # the left edge is now on top

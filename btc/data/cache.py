@@ -2,7 +2,8 @@
 
 Training reads batches straight from one ``uint8 [N, size, size]`` array (memory-mapped from
 ``.npy``), so no epoch decodes a JPEG again. The cache file's name is a digest of the files'
-hashes and the size, so a changed dataset or size never reuses a stale cache.
+hashes, the size and the decoder's version, so a changed dataset, size or decoder never reuses a
+stale cache.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from btc.data.images import ImageDecodeError, decode_gray, resize_gray
+from btc.data.images import DECODER_VERSION, ImageDecodeError, decode_gray, resize_gray
 
 
 def load_resized(path: str | Path, size: int) -> np.ndarray:
@@ -43,7 +44,7 @@ def decode_all(paths: list[str], size: int, *, workers: int = 4, progress: bool 
 
 def cache_key(rows: pd.DataFrame, size: int) -> str:
     """Digest naming the cache of these rows (in order) at this size."""
-    digest = hashlib.sha256(f"{size}\n".encode() + "\n".join(rows["sha256"]).encode())
+    digest = hashlib.sha256(f"{size}\ndecoder {DECODER_VERSION}\n".encode() + "\n".join(rows["sha256"]).encode())
     return digest.hexdigest()[:20]
 
 

@@ -8,11 +8,12 @@ decompression bomb is refused without being expanded.
 from __future__ import annotations
 
 import io
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -21,10 +22,40 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
                    "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_MAX_PIXELS = 40_000_000
+# Bumped whenever the same bytes would decode to other pixels; part of the decoded cache's key.
+DECODER_VERSION = 2
 
 
 class ImageDecodeError(ValueError):
     """An image could not be used; the message says why."""
+
+
+def read_image_file(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file, refusing what is not a regular file before reading it.
+
+    A pipe would block for ever and ``/dev/zero`` would fill the memory, also through a link.
+
+    Raises:
+        ImageDecodeError: missing, unreadable, a folder, a device, pipe or socket, or over ``max_bytes``.
+    """
+    try:
+        info = Path(path).stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageDecodeError("is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError("not a regular file (a device, pipe or socket); cannot read an image from it")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ImageDecodeError(f"file is {info.st_size} bytes, over the limit of {max_bytes} bytes")
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ImageDecodeError(f"cannot read file: {err.strerror or err}") from None
+
+
+def _finite(pixels: np.ndarray) -> np.ndarray:
+    bad = int(np.size(pixels) - np.isfinite(pixels).sum())
+    if bad:
+        raise ImageDecodeError(f"{bad} of {pixels.size} pixel values are NaN or infinite")
+    return pixels
 
 
 @dataclass(frozen=True)
@@ -51,11 +82,15 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
         raise ImageDecodeError(f"not a readable DICOM image ({type(err).__name__}: {err})") from None
     if rows * cols > max_pixels:
         raise ImageDecodeError(f"image is {cols}x{rows} = {rows * cols} pixels, over the limit of {max_pixels}")
+    from pydicom.pixels import apply_modality_lut
+
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        pixels = ds.pixel_array.astype(np.float32)
+        # the modality LUT (RescaleSlope/Intercept): a negative slope reverses which tissue is bright
+        pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
     except Exception as err:  # pydicom raises many types for broken pixel data
         raise ImageDecodeError(f"DICOM pixel data cannot be decoded ({err})") from None
+    _finite(pixels)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:  # [frames, rows, cols(, samples)]: the middle frame
@@ -91,13 +126,7 @@ def decode_gray(
     Raises:
         ImageDecodeError: empty, not an image, truncated, corrupt or over a limit.
     """
-    if isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except OSError as err:
-            raise ImageDecodeError(f"cannot read file: {err.strerror or err}") from None
-    else:
-        data = bytes(source)
+    data = read_image_file(source, max_bytes) if isinstance(source, (str, Path)) else bytes(source)
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageDecodeError(f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
     if len(data) == 0:
@@ -112,6 +141,8 @@ def decode_gray(
         raise ImageDecodeError(f"image refused as a decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # e.g. a JPEG cut off inside its header
         raise ImageDecodeError(f"corrupt or truncated image header ({err})") from None
+    except Exception as err:  # a format plugin's own error, e.g. NotImplementedError for a DDS pixel format
+        raise ImageDecodeError(f"cannot read this image's header ({type(err).__name__}: {err})") from None
     info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
     if im.width * im.height > max_pixels:
         raise ImageDecodeError(
@@ -126,8 +157,30 @@ def decode_gray(
         if "truncated" in reason:
             reason = "image file is truncated (incomplete data)"
         raise ImageDecodeError(f"corrupt image: {reason}") from None
+    except Exception as err:  # a format plugin's own error
+        raise ImageDecodeError(f"cannot decode this image ({type(err).__name__}: {err})") from None
+    return gray_of_pil(_upright(im)), info
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: turned by its EXIF orientation (a phone photo of a film or screen)."""
+    try:
+        turned = im.getexif().get(0x0112, 1) not in (1, None)  # 0x0112: Orientation
+        return ImageOps.exif_transpose(im) if turned else im
+    except Exception as err:  # a malformed EXIF block
+        raise ImageDecodeError(f"cannot read this image's EXIF orientation ({type(err).__name__}: {err})") from None
+
+
+def gray_of_pil(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image as 2-D uint8 grayscale: 16/32-bit integers and floats are stretched, not clipped.
+
+    Raises:
+        ImageDecodeError: a mode that cannot be made grayscale, NaN or infinite values, or no pixels.
+    """
+    if im.mode not in SUPPORTED_MODES:
+        raise ImageDecodeError(f"unsupported image mode {im.mode!r}; supported: {', '.join(SUPPORTED_MODES)}")
     if im.mode == "F" or im.mode.startswith("I"):  # 16- and 32-bit integers, floats: stretched to 8 bits
-        gray = _stretch(np.asarray(im, dtype=np.float32))
+        gray = _stretch(np.asarray(im, dtype=np.float64))
     else:
         try:
             gray = np.asarray(im.convert("L"), dtype=np.uint8)
@@ -135,11 +188,18 @@ def decode_gray(
             raise ImageDecodeError(f"image mode {im.mode!r} cannot be converted to grayscale ({err})") from None
     if gray.ndim != 2 or min(gray.shape) == 0:
         raise ImageDecodeError(f"decoded to an array of shape {gray.shape}, not a 2-D image")
-    return gray, info
+    return gray
 
 
 def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Min-max to uint8 (the network standardises each image, so a linear map loses nothing but precision)."""
+    """Min-max to uint8 (the network standardises each image, so a linear map loses nothing but precision).
+
+    In float64, so that a float32 image spanning -3e38..3e38 does not overflow.
+
+    Raises:
+        ImageDecodeError: NaN or infinite values (one would blank the whole image).
+    """
+    arr = _finite(np.asarray(arr, dtype=np.float64))
     lo, hi = float(arr.min()), float(arr.max())
     return ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
 
@@ -149,7 +209,7 @@ def gray_of(image: "bytes | str | Path | Image.Image | np.ndarray") -> np.ndarra
     if isinstance(image, (bytes, str, Path)):
         return decode_gray(image)[0]
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("L"), dtype=np.uint8)
+        return gray_of_pil(image)
     return gray_from_array(image)
 
 
@@ -180,9 +240,6 @@ def gray_from_array(array: np.ndarray) -> np.ndarray:
             f"array of shape {tuple(np.shape(array))} is not an image; expected [H, W], [H, W, 1|3|4] or [1|3, H, W]")
     if arr.dtype == np.uint8:
         return arr
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ImageDecodeError("array holds NaN or infinite values")
     return _stretch(arr)
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from btc.data.discover import FoundImage, find_images
-from btc.data.images import ImageDecodeError, decode_gray
+from btc.data.images import ImageDecodeError, decode_gray, read_image_file
 from btc.tables import read_parquet
 
 # 256-bit pHash: the 64-bit default puts most MRI slices within a few bits of each other
@@ -37,9 +37,9 @@ def _describe(item: FoundImage) -> dict:
            "width": 0, "height": 0, "mode": "", "format": "", "bytes": 0, "sha256": "",
            "phash": "", "readable": False, "error": ""}
     try:
-        data = item.path.read_bytes()
-    except OSError as err:
-        row["error"] = f"cannot read file: {err.strerror or err}"
+        data = read_image_file(item.path)
+    except ImageDecodeError as err:
+        row["error"] = str(err)
         return row
     row["bytes"] = len(data)
     row["sha256"] = hashlib.sha256(data).hexdigest()
