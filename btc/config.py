@@ -26,7 +26,7 @@ class DataConfig(_Section):
         40, ge=0, le=128,
         description="Hamming distance between 256-bit pHashes at or below which two images are near duplicates",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the split")
     cache_dir: Path | None = Field(None, description="decoded-image cache; default <output_dir>/cache")
 
 
@@ -61,10 +61,11 @@ class TrainConfig(_Section):
         None, ge=0,
         description="no early stop before this epoch; default half of epochs (the one-cycle learning rate is still high)",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of initialisation, batch order and augmentation")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = Field(True, description="mixed precision (float16 autocast + grad scaling) on CUDA")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores")
+    threads: int | None = Field(None, ge=1, le=1024,
+                                 description="torch CPU threads; default all cores (more than the cores are not used)")
     rotation_degrees: float = Field(10.0, ge=0, le=45)
     hflip: bool = True
     intensity_jitter: float = Field(0.15, ge=0, le=1, description="brightness and contrast jitter amplitude")
@@ -73,7 +74,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    ece_bins: int = Field(15, ge=2)
+    ece_bins: int = Field(15, ge=2, le=1000)
     gradcam_per_class: int = Field(4, ge=0)
 
 

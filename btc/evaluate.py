@@ -116,6 +116,9 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("clean") and report["n_near_duplicates_of_train"]:
         c = report["clean"]
         lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
+    elif report.get("n_near_duplicates_of_train"):  # every image has a near copy in training
+        lines.append(f"clean subset empty: all {report['n_images']} images are near duplicates of the model's "
+                     "training or validation images")
     elif report.get("n_near_duplicates_of_train") is None:
         lines.append("clean subset unknown: these images carry no near-duplicate flags against the model's training "
                      "data (evaluate the run's split.parquet, or pass --against SPLIT for a folder)")

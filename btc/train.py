@@ -212,7 +212,7 @@ def fit(
         va = evaluate_batches(model, val_batches, device, loss_fn)
         if not math.isfinite(va["loss"]):  # the weights broke (a skipped mixed-precision step alone does not)
             raise ValueError(f"training diverged in epoch {epoch} (train loss {tr['loss']}, validation loss "
-                             f"{va['loss']}); lower the learning rate (train.lr)"
+                             f"{va['loss']}); lower the learning rate (train.lr) or the weight decay (train.weight_decay)"
                              + (f"; {last} holds the last good epoch" if last.is_file() else ""))
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_f1": va["macro_f1"],

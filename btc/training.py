@@ -8,6 +8,8 @@ fits the temperature on validation and writes, into ``out_dir``: ``model.pt``,
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from btc.models import build_model
 from btc.tables import read_parquet
 from btc.train import check_resumable, fit, predict_logits, resolve_device
 from btc.transforms import Augment
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,10 +121,21 @@ def lr_schedule(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: in
                                                pct_start=max(0.2, 2 / total_steps))
 
 
+def cpu_threads(asked: int) -> int:
+    """``asked``, or the number of cores when that is fewer: thousands of threads abort the process."""
+    cores = os.cpu_count() or 1
+    if asked > cores:
+        log.warning("train.threads=%d but this machine has %d CPU cores; using %d", asked, cores, cores)
+    return min(asked, cores)
+
+
 def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
     rows = split[split["split"] == name].sort_values("path")
     if rows.empty:
         raise ValueError(f"the split has no {name!r} images; cannot train without train and val images")
+    if name == "train" and len(rows) < 2:
+        raise ValueError("the split has 1 'train' image; training needs at least 2 (batch normalisation learns "
+                         "from each batch's spread)")
     return cached_images(rows, cfg.data.image_size, cache_dir, progress=progress), labels_of(rows)
 
 
@@ -145,7 +160,7 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     split.to_parquet(out_dir / "split.parquet", index=False)
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(cpu_threads(cfg.train.threads))
     device = resolve_device(cfg.train.device)
     cache_dir = cfg.data.cache_dir or cfg.output_dir / "cache"
 

@@ -69,6 +69,9 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     assert res.exit_code == 2 and "no last.pt in" in res.output
     res = invoke("train", tmp_path, "--pretrained")
     assert res.exit_code == 2 and "compact_cnn has no pretrained weights" in res.output
+    for setting in ("train.seed=-1", "data.seed=4294967296", "train.threads=30000", "eval.ece_bins=10000000"):
+        res = invoke("train", tmp_path, "-s", setting)
+        assert res.exit_code == 2 and f"invalid config: {setting.split('=')[0]}" in res.output, setting
 
 
 def test_train_evaluate_predict_explain(tmp_path, synth_root):

@@ -111,6 +111,14 @@ def test_clean_subset_is_unknown_without_near_duplicate_flags(predictor, synth_s
     assert any(line.startswith("clean subset unknown") for line in summary_lines(report))
 
 
+def test_an_empty_clean_subset_is_said(predictor, synth_split):
+    rows = rows_to_evaluate(synth_split, "test").copy()
+    rows["near_dup_in_train"] = True
+    report = evaluate_predictor(predictor, rows)
+    assert report["clean"] is None and report["n_near_duplicates_of_train"] == len(rows)
+    assert f"clean subset empty: all {len(rows)} images are near duplicates" in "\n".join(summary_lines(report))
+
+
 def test_accuracy_by_distance_to_training(predictor, synth_split):
     rows = rows_to_evaluate(synth_split, "test").copy()
     rows["train_distance"] = [10, 45, 45, 60] * (len(rows) // 4) + [100] * (len(rows) % 4)

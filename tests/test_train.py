@@ -90,6 +90,24 @@ def test_narrow_compact_cnn_trains_on_odd_batches_in_channels_last():
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
+def test_threads_beyond_the_cores_are_capped(caplog):
+    import os
+
+    from btc.training import cpu_threads
+
+    cores = os.cpu_count()
+    assert cpu_threads(1) == 1
+    assert cpu_threads(cores + 5) == cores and f"train.threads={cores + 5} but this machine has {cores}" in caplog.text
+
+
+def test_a_single_training_image_is_refused_by_name(synth_split, tiny_config):
+    from btc.training import split_arrays
+
+    one = synth_split[synth_split["split"] == "train"].head(1)
+    with pytest.raises(ValueError, match="the split has 1 'train' image; training needs at least 2"):
+        split_arrays(one, "train", tiny_config, tiny_config.output_dir / "cache", progress=False)
+
+
 def test_unknown_arch_and_missing_weights():
     with pytest.raises(ValueError, match="unknown architecture 'vgg99'; expected one of compact_cnn"):
         build_model("vgg99")
@@ -319,7 +337,7 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     x, y = _toy_batches()
     model = build_model(width=8)
     opt = torch.optim.SGD(model.parameters(), lr=1e12)
-    with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower the learning rate"):
+    with pytest.raises(ValueError, match=r"training diverged in epoch 1 .*lower the learning rate \(train.lr\) or the weight decay"):
         fit(model, ArrayBatches(x, y, 16, shuffle=True), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=3,
             loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, progress=False)
 
