@@ -100,7 +100,7 @@ def validate_command(
     """Validate a dataset with Great Expectations; exit 0 if it passes, 1 if it fails."""
     from btc.data.stats import load_reference
     from btc.paths import reports_dir
-    from btc.validation import DEFAULT_REFERENCE_PATH, reference_ranges, validate_dataset
+    from btc.validation import DEFAULT_REFERENCE_PATH, check_warn_only, reference_ranges, validate_dataset
 
     started = time.perf_counter()
     cfg = _load_config(config, set_)
@@ -109,6 +109,7 @@ def validate_command(
     try:  # a reference whose ranges cannot be checked against is a configuration error, told before any work
         ref = load_reference(reference)
         reference_ranges(ref, Path(reference))
+        check_warn_only(set(cfg.validation.warn_only) | set(warn_only or ()))
     except ValueError as err:
         raise _error(str(err), 2) from None
     frame = _dataset_frame(data_dir, cfg.data, split=split, workers=workers)

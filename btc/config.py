@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -80,7 +80,7 @@ class EvalConfig(_Section):
 
 class GatesConfig(_Section):
     min_macro_f1: float = Field(0.80, ge=0, le=1)
-    min_tumour_recall: dict[str, float] = Field(
+    min_tumour_recall: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: {"glioma": 0.75, "meningioma": 0.75, "pituitary": 0.75},
         description="recall floor per tumour class: a missed tumour is the costly error",
     )
@@ -88,6 +88,16 @@ class GatesConfig(_Section):
     max_ece: float = Field(0.10, ge=0, le=1)
     max_flip_change: float = Field(0.10, ge=0, le=1, description="share of predictions allowed to change under horizontal flip")
     max_intensity_change: float = Field(0.10, ge=0, le=1, description="share allowed to change under a +-5% intensity shift")
+
+    @field_validator("min_tumour_recall")
+    @classmethod
+    def _known_classes(cls, floors: dict[str, float]) -> dict[str, float]:
+        from btc.labels import CLASSES
+
+        unknown = sorted(set(floors) - set(CLASSES))
+        if unknown:
+            raise ValueError(f"unknown class(es) {', '.join(unknown)}; expected some of {', '.join(CLASSES)}")
+        return floors
 
 
 class RegistryConfig(_Section):
@@ -105,7 +115,7 @@ class ServingConfig(_Section):
 
 
 class MonitoringConfig(_Section):
-    drift_share_threshold: float = Field(0.3, ge=0, le=1)
+    drift_share_threshold: float = Field(0.3, gt=0, le=1, description="share of drifted columns that means drift")
     min_predictions: int = Field(30, ge=1)
     window_hours: float = Field(24.0, gt=0)
     pca_components: int = Field(8, ge=1, le=64, description="embedding PCA columns (emb_pc1..K) in the drift reference")
@@ -132,6 +142,13 @@ class ValidationConfig(_Section):
         default_factory=lambda: ["no_exact_duplicates_within_source_split"],
         description="expectations reported as warnings, not failures (the splitter drops exact copies itself)",
     )
+
+    @model_validator(mode="after")
+    def _sides_in_order(self) -> "ValidationConfig":
+        if self.min_side_px > self.max_side_px:
+            raise ValueError(f"min_side_px={self.min_side_px} is above max_side_px={self.max_side_px}; "
+                             "expected min <= max")
+        return self
 
 
 class Config(_Section):

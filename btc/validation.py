@@ -377,6 +377,21 @@ def _build_docs(context, data_docs_dir: Path, suite_name: str) -> Path:
     return index
 
 
+def check_warn_only(warn: set[str] | list[str], suite_path: Path = SUITE_PATH) -> set[str]:
+    """``warn`` as a set, when every name in it is an expectation of the suite.
+
+    Raises:
+        ValueError: a name is not in the suite; the message lists the names there are.
+    """
+    names = expectation_names(suite_path)
+    unknown = sorted(set(warn) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown expectation {', '.join(map(repr, unknown))} in warn-only; expected one of {', '.join(names)}"
+        )
+    return set(warn)
+
+
 def validate_dataset(
     manifest_or_split: pd.DataFrame,
     *,
@@ -409,13 +424,7 @@ def validate_dataset(
     """
     config = config or ValidationConfig()
     spec = load_suite_spec(suite_path)
-    names = [e["meta"]["name"] for e in spec["expectations"]]
-    warn = set(config.warn_only) | set(warn_only)
-    unknown = sorted(warn - set(names))
-    if unknown:
-        raise ValueError(
-            f"unknown expectation {', '.join(map(repr, unknown))} in warn-only; expected one of {', '.join(names)}"
-        )
+    warn = check_warn_only(set(config.warn_only) | set(warn_only), suite_path)
     source = "the statistics reference"
     if reference is None:
         source = Path(config.reference or DEFAULT_REFERENCE_PATH)

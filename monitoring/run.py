@@ -62,8 +62,8 @@ def check_options(*, window_hours: float | None = None, min_predictions: int | N
         raise ValueError(f"window_hours={window_hours}; expected a finite number of hours above 0")
     if min_predictions is not None and not min_predictions >= 1:
         raise ValueError(f"min_predictions={min_predictions}; expected at least 1")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ValueError(f"threshold={threshold}; expected a drift share from 0 to 1")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold}; expected a drift share above 0, at most 1")
 
 
 def _utc(moment: datetime) -> datetime:

@@ -243,6 +243,28 @@ def test_promotion_against_champion_and_rollback(reg, tmp_path):
     assert aliases(name)["champion"] == "1"
 
 
+def test_a_rolled_back_challenger_is_not_promoted_again(reg):
+    name = "undone"
+    register(reg.bad, name)
+    promote(name, permissive())
+    register(reg.good, name)
+    assert promote(name, permissive()).promoted
+    rollback(name)  # v2 -> v1; challenger still points at v2
+    res = cli("registry", "promote", "--name", name, *sum((["-s", s] for s in PERMISSIVE), []))
+    assert res.exit_code == 2 and "challenger v2 was rolled back as champion" in res.output, res.output
+    assert aliases(name)["champion"] == "1"
+    register(reg.good, name)  # registering the run again asks for a new decision
+    assert promote(name, permissive()).promoted and aliases(name)["champion"] == "3"
+
+
+def test_model_names_with_quotes(reg):
+    register(reg.good, "it's")
+    res = cli("registry", "list", "--name", "it's")
+    assert res.exit_code == 0 and "challenger" in res.output, res.output
+    with pytest.raises(RegistryError, match="holds both ' and \""):
+        register(reg.good, "it's \"quoted\"")
+
+
 def reg_checkpoint(reg) -> Path:
     run = store.client().get_run(reg.good)
     return Path(run.data.tags["btc.run_dir"]) / "model.pt"

@@ -337,6 +337,9 @@ def test_cli_refuses_misuse_before_reading_the_data(cli_app, tmp_path):
                        "infinite.json': the range of entropy is [0.0, inf] (not finite)"),
         "not numbers": (["--reference", str(_reference_with(tmp_path, "words.json", contrast=["low", "high"]))],
                         "words.json': the range of contrast is ['low', 'high']; expected two numbers"),
+        "unknown warn-only": (["--warn-only", "nope"], "unknown expectation 'nope' in warn-only"),
+        "sides out of order": (["-s", "validation.min_side_px=100", "-s", "validation.max_side_px=50"],
+                               "min_side_px=100 is above max_side_px=50"),
     }
     for case, (extra, message) in cases.items():
         result = CliRunner().invoke(cli_app, [absent, "--docs-dir", str(tmp_path / "docs"), *extra])

@@ -155,6 +155,23 @@ def _logged_model(mlflow_client: MlflowClient, run_id: str) -> LoggedModel:
         raise RegistryError(str(err)) from None
 
 
+def versions_of(mlflow_client: MlflowClient, name: str) -> list:
+    """Every version of ``name``: MLflow's search filter quotes the name, so a name with a ``'`` goes in ``"``."""
+    quote = '"' if "'" in name else "'"
+    return mlflow_client.search_model_versions(f"name = {quote}{check_model_name(name)}{quote}")
+
+
+def check_model_name(name: str) -> str:
+    """``name``, unless it holds both kinds of quote, which MLflow's search filter cannot express.
+
+    Raises:
+        RegistryError: it does.
+    """
+    if "'" in name and '"' in name:
+        raise RegistryError(f"model name {name!r} holds both ' and \"; MLflow cannot search for it. Use at most one kind")
+    return name
+
+
 def register(run_id: str, name: str) -> str:
     """Add the run's model as a new version of ``name`` and point ``challenger`` at it.
 
@@ -165,6 +182,7 @@ def register(run_id: str, name: str) -> str:
         TrackingError: the store is unreachable.
         RegistryError: the run does not exist or has no btc model.
     """
+    check_model_name(name)
     mlflow_client = store.client(must_exist=True)
     logged = _logged_model(mlflow_client, run_id)
     try:
@@ -323,6 +341,10 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
         if challenger == champion:
             return PromotionResult(name, challenger, champion, champion, False,
                                    f"version {challenger} is already {CHAMPION}; nothing to do")
+        rolled_back = mlflow_client.get_model_version(name, challenger).tags.get("rolled_back_at")
+        if rolled_back:
+            raise RegistryError(f"model {name!r}: the {CHALLENGER} v{challenger} was rolled back as {CHAMPION} at "
+                                f"{rolled_back}; register a new run to promote (btc registry register RUN_ID --name {name})")
         challenger_split = None
         if eval_rows is None:
             challenger_run = mlflow_client.get_model_version(name, challenger).run_id
@@ -372,7 +394,7 @@ def rollback(name: str, *, lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[str, s
         history = champion_history(model)
         while history and history[-1] == current:
             history.pop()
-        existing = {str(mv.version) for mv in mlflow_client.search_model_versions(f"name = '{name}'")}
+        existing = {str(mv.version) for mv in versions_of(mlflow_client, name)}
         deleted = [v for v in history if v not in existing]
         history = [v for v in history if v in existing]  # a deleted version cannot come back
         if not history:
@@ -399,7 +421,7 @@ def list_versions(name: str) -> list[dict]:
     for alias, version in model.aliases.items():
         by_version.setdefault(str(version), []).append(alias)
     rows = []
-    for mv in mlflow_client.search_model_versions(f"name = '{name}'"):
+    for mv in versions_of(mlflow_client, name):
         metrics = mlflow_client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         rows.append({"version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
                      "run_id": mv.run_id, "status": mv.status,
