@@ -256,6 +256,10 @@ def reference_from_records(records: list[dict], *, pca_components: int = 8, sour
     embeddings = np.asarray(frame["embedding"].tolist(), dtype=np.float64)
     if pca_components > embeddings.shape[1]:
         raise ValueError(f"pca_components={pca_components} exceeds the embedding dimension {embeddings.shape[1]}")
+    distinct = len(np.unique(embeddings, axis=0))
+    if distinct <= pca_components:  # copies of a few images: no spread for the PCA to describe (NaN ratios)
+        raise ValueError(f"only {distinct} distinct embeddings among {len(records)} reference images; "
+                         f"expected more than pca_components={pca_components} (are the images copies of each other?)")
     pca = PCA(n_components=pca_components, random_state=0).fit(embeddings)
     reference = Reference(pd.DataFrame(), pca.components_.astype(np.float64), pca.mean_.astype(np.float64), {
         "format": REFERENCE_FORMAT, "model_name": models[0][0], "model_version": models[0][1], "classes": classes,

@@ -154,6 +154,8 @@ def test_reference_round_trips_and_logged_features_match_it(predictor, grays, re
         build_reference(predictor, grays[0::2], pca_components=80)
     with pytest.raises(ValueError, match="records by 2 models"):
         reference_from_records(traffic[:10] + [{**r, "model_version": "v9"} for r in traffic[:10]], pca_components=4)
+    with pytest.raises(ValueError, match="only 1 distinct embeddings among 5 reference images"):
+        build_reference(predictor, [grays[0]] * 5, pca_components=1)  # copies: the PCA's ratios would be NaN
 
 
 def test_images_like_the_reference_show_no_drift(monitored):
