@@ -24,7 +24,7 @@ from btc.config import load_config
 from btc.data.manifest import build_manifest
 from btc.data.split import split_without_leakage
 from btc.data.synth import generate_synthetic_dataset
-from btc.training import split_arrays, train_model
+from btc.training import cache_dir_of, split_arrays, train_model
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         base = load_config(None, [f"output_dir={tmp}"])
         t0 = time.perf_counter()
         for name in ("train", "val"):
-            split_arrays(split, name, base, Path(tmp) / "cache", progress=False)
+            split_arrays(split, name, base, cache_dir_of(base), progress=False)
         cache_s = time.perf_counter() - t0
         rows = []
         for precision in ("amp", "fp32"):

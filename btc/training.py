@@ -129,6 +129,11 @@ def cpu_threads(asked: int) -> int:
     return min(asked, cores)
 
 
+def cache_dir_of(cfg: Config) -> Path:
+    """Where the decoded-image cache lives: ``data.cache_dir``, by default ``<output_dir>/cache``."""
+    return cfg.data.cache_dir or cfg.output_dir / "cache"
+
+
 def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
     rows = split[split["split"] == name].sort_values("path")
     if rows.empty:
@@ -162,7 +167,7 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     if cfg.train.threads:
         torch.set_num_threads(cpu_threads(cfg.train.threads))
     device = resolve_device(cfg.train.device)
-    cache_dir = cfg.data.cache_dir or cfg.output_dir / "cache"
+    cache_dir = cache_dir_of(cfg)
 
     x_train, y_train = split_arrays(split, "train", cfg, cache_dir, progress)
     x_val, y_val = split_arrays(split, "val", cfg, cache_dir, progress)

@@ -139,13 +139,9 @@ def suite_parameters(config: ValidationConfig, reference: dict,
         source: where ``reference`` came from (its file), named when one of its ranges is unusable.
 
     Raises:
-        ValueError: ``min_side_px`` is above ``max_side_px``, or a range of the reference is
-            unusable (see :func:`reference_ranges`).
+        ValueError: a range of the reference is unusable (see :func:`reference_ranges`). (Sides out
+            of order are refused by :class:`~btc.config.ValidationConfig` itself.)
     """
-    if config.min_side_px > config.max_side_px:
-        raise ValueError(
-            f"min_side_px={config.min_side_px} is above max_side_px={config.max_side_px}; expected min <= max"
-        )
     parameters = {
         "classes": list(CLASSES),
         "min_class_share": config.min_class_share,

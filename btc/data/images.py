@@ -126,9 +126,12 @@ def decode_gray(
     Raises:
         ImageDecodeError: empty, not an image, truncated, corrupt or over a limit.
     """
-    data = read_image_file(source, max_bytes) if isinstance(source, (str, Path)) else bytes(source)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageDecodeError(f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
+    if isinstance(source, (str, Path)):
+        data = read_image_file(source, max_bytes)  # checks the size before reading
+    else:
+        data = bytes(source)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageDecodeError(f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     if _is_dicom(data):

@@ -341,13 +341,14 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
         if challenger == champion:
             return PromotionResult(name, challenger, champion, champion, False,
                                    f"version {challenger} is already {CHAMPION}; nothing to do")
-        rolled_back = mlflow_client.get_model_version(name, challenger).tags.get("rolled_back_at")
+        challenger_version = mlflow_client.get_model_version(name, challenger)
+        rolled_back = challenger_version.tags.get("rolled_back_at")
         if rolled_back:
             raise RegistryError(f"model {name!r}: the {CHALLENGER} v{challenger} was rolled back as {CHAMPION} at "
                                 f"{rolled_back}; register a new run to promote (btc registry register RUN_ID --name {name})")
         challenger_split = None
         if eval_rows is None:
-            challenger_run = mlflow_client.get_model_version(name, challenger).run_id
+            challenger_run = challenger_version.run_id
             eval_rows, challenger_split = frozen_eval_rows(mlflow_client, challenger_run)
             eval_source = f"test split of the challenger's run {challenger_run} (data/split.parquet)"
         notes = _check_overlap(mlflow_client, name, challenger, champion, eval_rows, challenger_split)
