@@ -364,3 +364,20 @@ def test_exif_orientation_is_applied(tmp_path):
     gray, info = decode_gray(tmp_path / "turned.jpg")
     assert (info.width, info.height) == (40, 30) and gray.shape == (40, 30)
     assert gray[:5].mean() > 200 and gray[-5:].mean() < 50  # the left edge is now on top
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF"])
+def test_a_stack_of_frames_is_read_at_its_middle_frame_as_dicom_is(tmp_path, fmt):
+    frames = [Image.new("L", (40, 30), value) for value in (0, 0, 255, 0, 0)]  # the middle is frame 2
+    path = tmp_path / f"stack.{fmt.lower()}"
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+    gray, info = decode_gray(path)
+    assert gray.shape == (30, 40) and gray.min() == 255 and (info.width, info.height) == (40, 30)
+
+
+def test_each_page_of_a_tiff_is_held_to_the_pixel_limit(tmp_path):
+    path = tmp_path / "pages.tif"
+    small, big = Image.new("L", (10, 10)), Image.new("L", (2000, 1000))
+    small.save(path, save_all=True, append_images=[big, small])  # the header's first page is small
+    with pytest.raises(ImageDecodeError, match=r"frame 1 of 3 is 2000x1000 = 2000000 pixels, over the limit of 1000000"):
+        decode_gray(path, max_pixels=1_000_000)

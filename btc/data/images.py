@@ -1,5 +1,8 @@
 """Decoding one image (JPEG, PNG or DICOM) into a grayscale uint8 array, safely.
 
+A file holding several frames (multi-frame DICOM, multi-page TIFF, animated GIF) is read as
+its middle frame: in a stack of slices that is the one most likely to cross the brain.
+
 Every failure raises :class:`ImageDecodeError` with a reason a person can act on; the
 size limits are checked from the header, before the pixels are decoded, so a
 decompression bomb is refused without being expanded.
@@ -23,7 +26,7 @@ SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
                    "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_MAX_PIXELS = 40_000_000
 # Bumped whenever the same bytes would decode to other pixels; part of the decoded cache's key.
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 
 
 class ImageDecodeError(ValueError):
@@ -146,23 +149,31 @@ def decode_gray(
         raise ImageDecodeError(f"corrupt or truncated image header ({err})") from None
     except Exception as err:  # a format plugin's own error, e.g. NotImplementedError for a DDS pixel format
         raise ImageDecodeError(f"cannot read this image's header ({type(err).__name__}: {err})") from None
-    info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
-    if im.width * im.height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {im.width}x{im.height} = {im.width * im.height} pixels, over the limit of {max_pixels}"
-        )
+    _within_pixels(im, max_pixels, "image")
     if im.mode not in SUPPORTED_MODES:
         raise ImageDecodeError(f"unsupported image mode {im.mode!r}; supported: {', '.join(SUPPORTED_MODES)}")
     try:
+        if getattr(im, "n_frames", 1) > 1:  # a stack (multi-page TIFF, GIF): the middle frame, as for DICOM
+            im.seek(im.n_frames // 2)
+            _within_pixels(im, max_pixels, f"frame {im.tell()} of {im.n_frames}")  # each TIFF page has its own size
         im.load()
-    except (OSError, SyntaxError, ValueError) as err:
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = str(err)
         if "truncated" in reason:
             reason = "image file is truncated (incomplete data)"
         raise ImageDecodeError(f"corrupt image: {reason}") from None
     except Exception as err:  # a format plugin's own error
         raise ImageDecodeError(f"cannot decode this image ({type(err).__name__}: {err})") from None
+    info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
     return gray_of_pil(_upright(im)), info
+
+
+def _within_pixels(im: Image.Image, max_pixels: int, what: str) -> None:
+    if im.width * im.height > max_pixels:
+        raise ImageDecodeError(
+            f"{what} is {im.width}x{im.height} = {im.width * im.height} pixels, over the limit of {max_pixels}")
 
 
 def _upright(im: Image.Image) -> Image.Image:
