@@ -53,7 +53,9 @@ def monitor_command(
     from btc.paths import btc_home, monitoring_dir, prediction_log_path, reports_dir
     from btc.reference import MonitoringError
     from monitoring.actions import act_on_drift
-    from monitoring.run import check_log_file, check_options, monitoring_options, run_monitoring, window_bounds
+    from btc.tracking.store import TrackingError
+    from monitoring.run import (check_log_file, check_options, log_to_mlflow, monitoring_options, run_monitoring,
+                                window_bounds)
 
     cfg = _load_config(config, set_)
     options = monitoring_options(cfg)
@@ -77,7 +79,7 @@ def monitor_command(
         writable_folder(workspace, "Evidently workspace (--workspace)")
     reference = reference or cfg.monitoring.reference_dir or monitoring_dir() / "reference"
     try:
-        verdict = run_monitoring(log, reference, since=since, until=until, out_dir=out, mlflow=mlflow,
+        verdict = run_monitoring(log, reference, since=since, until=until, out_dir=out, mlflow=False,
                                  workspace=workspace, **options)
     except MonitoringError as err:
         raise _error(str(err), 1) from None
@@ -85,6 +87,11 @@ def monitor_command(
         raise _error(str(err), 2) from None
     typer.echo(verdict.summary())
     typer.echo(f"report: {verdict.html}")
+    if mlflow:
+        try:
+            typer.echo(f"MLflow run: {log_to_mlflow(verdict)} (experiment btc-monitoring)")
+        except TrackingError as err:  # the verdict stands (and is on disk): drift is still reported below
+            typer.echo(f"warning: {err}; the verdict is kept in {verdict.html.with_suffix('.verdict.json')}", err=True)
     if workspace is not None:
         typer.echo(f"dashboard: evidently ui --workspace {workspace} --port 8000")
     if verdict.drifted:

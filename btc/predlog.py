@@ -33,6 +33,27 @@ CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 """
 
 
+def utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive datetime is taken to be UTC already (the log's and monitoring's rule)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def utc_text(ts: datetime | str) -> str:
+    """A time (datetime or ISO-8601 text) as the log stores it: ISO-8601 in UTC.
+
+    Raises:
+        ValueError: ``ts`` is not a datetime or ISO-8601 text.
+    """
+    if isinstance(ts, str):
+        try:
+            ts = datetime.fromisoformat(ts)
+        except ValueError:
+            raise ValueError(f"ts={ts!r} is not an ISO-8601 time, e.g. 2025-03-02T11:30:00+00:00") from None
+    if not isinstance(ts, datetime):
+        raise ValueError(f"ts={ts!r} ({type(ts).__name__}) is not a time; expected a datetime or ISO-8601 text")
+    return utc(ts).isoformat()
+
+
 def _not_a_log(err: Exception) -> bool:
     """Whether ``err`` says the file is no prediction log (not SQLite, damaged, other tables), not that it is locked."""
     if isinstance(err, pd.errors.DatabaseError):  # pandas wraps the sqlite3 error
@@ -81,9 +102,16 @@ class PredictionLog:
         return ValueError(f"{str(self.path)!r} is not a prediction log (SQLite): {cause}")
 
     def append(self, records: list[dict]) -> None:
-        """Append records (keys as in :data:`SCHEMA`; ``ts`` defaults to now)."""
+        """Append records (keys as in :data:`SCHEMA`; ``ts`` defaults to now).
+
+        ``ts`` may be a datetime or an ISO-8601 string (naive means UTC); it is stored as ISO-8601 UTC,
+        the one form :meth:`read`'s time window compares.
+
+        Raises:
+            ValueError: a ``ts`` that is not a time.
+        """
         now = datetime.now(timezone.utc).isoformat()
-        rows = [(r.get("ts", now), r["model_name"], str(r["model_version"]), r["predicted"], float(r["confidence"]),
+        rows = [(utc_text(r["ts"]) if r.get("ts") is not None else now, r["model_name"], str(r["model_version"]), r["predicted"], float(r["confidence"]),
                  float(r["prob_entropy"]), json.dumps(r["probabilities"]), json.dumps(r["stats"]),
                  json.dumps([round(float(v), 5) for v in r["embedding"]]), int(bool(r.get("ood", False))),
                  r.get("image")) for r in records]
@@ -97,7 +125,7 @@ class PredictionLog:
             con.close()
 
     def read(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
-        """Records in ``[since, until)``, with probabilities and stats expanded into columns.
+        """Records in ``[since, until)`` (naive bounds mean UTC), with probabilities and stats expanded into columns.
 
         Columns: ``id, ts, model_name, model_version, predicted, confidence, prob_entropy, ood``,
         ``p_<class>`` per class, one column per image statistic, and ``embedding`` (list).
@@ -108,9 +136,9 @@ class PredictionLog:
         query, args = "SELECT id, ts, model_name, model_version, predicted, confidence, prob_entropy, probabilities, " \
                       "stats, embedding, ood FROM predictions WHERE 1=1", []
         if since is not None:
-            query, args = query + " AND ts >= ?", args + [since.astimezone(timezone.utc).isoformat()]
+            query, args = query + " AND ts >= ?", args + [utc(since).isoformat()]
         if until is not None:
-            query, args = query + " AND ts < ?", args + [until.astimezone(timezone.utc).isoformat()]
+            query, args = query + " AND ts < ?", args + [utc(until).isoformat()]
         con = self._connect()
         try:
             df = pd.read_sql_query(query + " ORDER BY id", con, params=args)

@@ -21,7 +21,11 @@ version, column groups, counts).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import uuid
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +37,8 @@ import pandas as pd
 
 from btc.data.images import gray_of
 from btc.data.stats import image_statistics
-from btc.tables import read_parquet
+from btc.predlog import utc_text
+from btc.tables import read_parquet_bytes
 
 REFERENCE_FORMAT = "btc-monitoring-reference/1"
 PREDICTION_COLUMNS = ("predicted", "confidence", "prob_entropy")
@@ -111,7 +116,7 @@ def prediction_record(predictor, gray: np.ndarray, probabilities: np.ndarray, em
         "stats": image_statistics(gray), "embedding": [float(v) for v in np.ravel(embedding)], "ood": bool(ood),
     }
     if ts is not None:
-        record["ts"] = (ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)).isoformat()
+        record["ts"] = utc_text(ts)
     return record
 
 
@@ -181,13 +186,35 @@ class Reference:
         return (embeddings - self.mean) @ self.components.T
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``features.parquet``, ``pca.npz`` and ``reference.json`` into ``directory``."""
+        """Write ``features.parquet``, ``pca.npz`` and ``reference.json`` into ``directory``.
+
+        Each file replaces its old self whole (written aside, then renamed), and ``reference.json``,
+        written last, holds the SHA-256 of the other two: a monitor that reads while a new
+        reference is written gets an error, never one build's PCA with another's features.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.features.to_parquet(directory / FEATURES_FILE, index=False)
-        np.savez(directory / PCA_FILE, components=self.components, mean=self.mean)
-        (directory / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2) + "\n")
+        sha256 = {FEATURES_FILE: _replace(directory / FEATURES_FILE, lambda p: self.features.to_parquet(p, index=False)),
+                  PCA_FILE: _replace(directory / PCA_FILE, lambda p: np.savez(p, components=self.components, mean=self.mean))}
+        text = json.dumps({**self.metadata, "sha256": sha256}, indent=2) + "\n"
+        _replace(directory / METADATA_FILE, lambda p: p.write_text(text))
         return directory
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _replace(path: Path, write) -> str:
+    """Write ``path`` whole (``write(tmp)`` to a file beside it, then renamed over it); returns its SHA-256."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{path.suffix}")  # created with the usual permissions
+    try:
+        write(tmp)
+        digest = _sha256(tmp.read_bytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
 
 
 def _features(frame: pd.DataFrame, columns: list[str], projected: np.ndarray) -> pd.DataFrame:
@@ -297,16 +324,31 @@ def load_reference(directory: str | Path) -> Reference:
         raise MonitoringError(f"{str(path)!r} has format {metadata.get('format')!r}; expected {REFERENCE_FORMAT!r}")
     path = directory / PCA_FILE
     try:
-        with np.load(path) as pca:
+        with np.load(io.BytesIO(_checked_bytes(path, metadata))) as pca:
             components, mean = pca["components"], pca["mean"]
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:  # TypeError: a bare .npy array
         raise MonitoringError(f"{str(path)!r} cannot be read as the reference PCA ({err}); {rebuild}") from None
     path = directory / FEATURES_FILE
     try:
-        features = read_parquet(path)
+        features = read_parquet_bytes(_checked_bytes(path, metadata))
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise MonitoringError(f"{str(path)!r} cannot be read as Parquet ({err}); {rebuild}") from None
-    return Reference(features, components, mean, metadata)
+    return Reference(features, components, mean, {k: v for k, v in metadata.items() if k != "sha256"})
+
+
+def _checked_bytes(path: Path, metadata: dict) -> bytes:
+    """The file's bytes, checked against the SHA-256 ``reference.json`` recorded for it (when it has one).
+
+    Raises:
+        MonitoringError: the bytes differ: the file was rewritten by another build (or damaged).
+    """
+    data = path.read_bytes()
+    expected = (metadata.get("sha256") or {}).get(path.name)
+    if expected is not None and _sha256(data) != expected:
+        raise MonitoringError(f"{str(path)!r} is not the file {METADATA_FILE} was written with (its SHA-256 "
+                              "differs): the reference is being rewritten, or was damaged; run again, or rebuild "
+                              "it with btc monitor-reference")
+    return data
 
 
 def features_from_log(log_df: pd.DataFrame, reference: Reference) -> pd.DataFrame:

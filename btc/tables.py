@@ -22,3 +22,15 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataF
     import pyarrow.parquet as pq
 
     return pq.read_table(str(path), columns=columns).to_pandas()
+
+
+def read_parquet_bytes(data: bytes) -> pd.DataFrame:
+    """A Parquet file's bytes as a DataFrame, read by pyarrow from its own buffer (no Python file object).
+
+    Raises:
+        ValueError: the bytes are not Parquet (pyarrow's ``ArrowInvalid``).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data)).to_pandas()

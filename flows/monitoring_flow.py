@@ -1,8 +1,8 @@
 """The monitoring flow: drift over the last window of the prediction log, and retraining when it drifted.
 
-``monitoring(window_hours=24)`` runs :func:`monitoring.run.run_monitoring` (Evidently report,
-snapshot in the dashboard workspace, metrics in the MLflow experiment ``btc-monitoring``)
-and :func:`monitoring.actions.act_on_drift`. Retraining is the deployment
+``monitoring()`` runs :func:`monitoring.run.run_monitoring` (Evidently report, snapshot in
+the dashboard workspace) and :func:`monitoring.actions.act_on_drift`, then logs the verdict
+to the MLflow experiment ``btc-monitoring`` in a task of its own (retried alone). Retraining is the deployment
 ``training-pipeline/retrain``, started with ``run_deployment(..., timeout=0)`` (fire and
 forget; the deployment's concurrency limit of 1 keeps drift alarms from stacking runs) only
 when this run talks to a real Prefect server (``PREFECT_API_URL`` set) on which that
@@ -52,16 +52,18 @@ def run_retrain(verdict, deployment: str = RETRAIN_DEPLOYMENT) -> str:
 
 
 @flow(name="monitoring", log_prints=True)
-def monitoring(window_hours: float = 24, config_path: str | None = None, overrides: list[str] | None = None,
+def monitoring(window_hours: float | None = None, config_path: str | None = None, overrides: list[str] | None = None,
                log_path: str | None = None, reference_dir: str | None = None, retrain: bool = True) -> dict:
     """Drift report over the last ``window_hours`` of predictions; retrain on drift.
 
     Args:
-        window_hours: length of the window ending now.
-        config_path: YAML config (``monitoring.*`` thresholds); None: the defaults.
+        window_hours: length of the window ending now; default ``monitoring.window_hours`` (24).
+        config_path: YAML config (``monitoring.*`` settings); None: the defaults.
         overrides: ``section.key=value`` settings applied over the config.
         log_path: the prediction log; default ``$BTC_HOME/predictions.sqlite``.
-        reference_dir: the reference; default ``$BTC_HOME/monitoring/reference`` (written at promotion).
+        reference_dir: the reference; default ``monitoring.reference_dir``, else
+            ``$BTC_HOME/monitoring/reference`` (where the training pipeline writes it at promotion).
+            The dashboard workspace is ``monitoring.workspace``, else ``$BTC_HOME/evidently``.
         retrain: start the retrain deployment on drift (when one is reachable).
 
     Returns:
@@ -78,11 +80,12 @@ def monitoring(window_hours: float = 24, config_path: str | None = None, overrid
     logger = get_run_logger()
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     log_file = Path(log_path) if log_path else prediction_log_path()
-    reference = Path(reference_dir) if reference_dir else default_reference_dir()
+    reference = Path(reference_dir or cfg.monitoring.reference_dir or default_reference_dir())
+    workspace = Path(cfg.monitoring.workspace or default_workspace())
     try:
         # Reports go where `btc monitor` writes them too.
-        verdict = tasks.drift_report(log_file, reference, cfg, window_hours, reports_dir() / "monitoring",
-                                     default_workspace())
+        verdict = tasks.drift_report(log_file, reference, cfg, window_hours or cfg.monitoring.window_hours,
+                                     reports_dir() / "monitoring", workspace)
     except MonitoringError as err:
         logger.warning("no drift report: %s", err)
         create_markdown_artifact(f"## Monitoring skipped\n\n{err}", key="drift-report")
@@ -100,7 +103,8 @@ def monitoring(window_hours: float = 24, config_path: str | None = None, overrid
     create_markdown_artifact(
         f"## {status.upper()}\n\n{verdict.summary()}\n\n**action:** {action}\n\n"
         f"- Evidently report: [{verdict.html}]({Path(verdict.html).resolve().as_uri() if verdict.html else ''})\n"
-        f"- dashboard: `evidently ui --workspace {default_workspace()}`", key="drift-report")
+        f"- dashboard: `evidently ui --workspace {workspace}`", key="drift-report")
+    tasks.log_drift(verdict)  # after acting: an unreachable MLflow store fails the run, not the retrain
     return {"status": status, "action": action, "summary": verdict.summary(), "share": verdict.share,
             "html": str(verdict.html) if verdict.html else None,
             "snapshot": str(verdict.snapshot) if verdict.snapshot else None}

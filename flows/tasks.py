@@ -97,10 +97,10 @@ def register(run_id: str, name: str) -> str:
 
 
 @task(name="promotion-gates", **PLAIN, **IO)
-def promote(name: str, cfg: Config):
+def promote(name: str, cfg: Config, version: str):
     from btc.tracking.registry import promote
 
-    return promote(name, cfg)
+    return promote(name, cfg, expected_challenger=version)
 
 
 @task(name="deploy-service", **PLAIN, **IO)
@@ -111,11 +111,11 @@ def deploy_service(name: str, version: str, run_id: str, bento: bool) -> dict:
 
 
 @task(name="monitoring-reference", **PLAIN)
-def build_monitoring_reference(predictor, rows: pd.DataFrame, out_dir: Path, source: str) -> Path:
+def build_monitoring_reference(predictor, rows: pd.DataFrame, out_dir: Path, source: str, pca_components: int) -> Path:
     from btc.reference import build_reference
 
     # PCA needs more images than components: tiny validation sets get fewer components.
-    components = max(1, min(8, len(rows) - 1))
+    components = max(1, min(pca_components, len(rows) - 1))
     return build_reference(predictor, rows, pca_components=components, source=source).save(out_dir)
 
 
@@ -126,7 +126,14 @@ def drift_report(log_path: Path, reference_dir: Path, cfg: Config, window_hours:
 
     m = cfg.monitoring
     return run_monitoring(log_path, reference_dir, window_hours=window_hours, min_predictions=m.min_predictions,
-                          threshold=m.drift_share_threshold, out_dir=out_dir, mlflow=True, workspace=workspace)
+                          threshold=m.drift_share_threshold, out_dir=out_dir, mlflow=False, workspace=workspace)
+
+
+@task(name="log-drift-to-mlflow", **PLAIN, **IO)
+def log_drift(verdict) -> str:
+    from monitoring.run import log_to_mlflow
+
+    return log_to_mlflow(verdict)
 
 
 @task(name="act-on-drift", **PLAIN)

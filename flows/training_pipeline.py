@@ -82,24 +82,24 @@ def _validated_split(data_dir: str, cfg, run_dir: Path):
 def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str, object, dict]:
     """Steps 5-7: challenger, gates and, if promoted, the service record and the monitoring reference."""
     from btc.evaluate import rows_to_evaluate
-    from btc.paths import monitoring_dir
+    from monitoring.run import default_reference_dir
 
     name, paths = cfg.registry.model_name, {}
     with step("register-challenger"):
         version = tasks.register(run_id, name)
     with step("promotion-gates"):
-        promotion = tasks.promote(name, cfg)
+        promotion = tasks.promote(name, cfg, version)  # refused if another run's version became challenger
     get_run_logger().info("%s", promotion.table())
     # This run's version is champion: promoted now, or by an earlier try of this task whose alias move
     # succeeded before it failed (the retry then finds "already champion"); either way it needs serving.
-    if promotion.promoted or promotion.champion_after == version:
+    if promotion.champion_after == version:
         with step("deploy-service"):
             paths["serving_record"] = tasks.deploy_service(name, version, run_id, build_bento)["record"]
         with step("monitoring-reference"):
             champion = tasks.load_model(f"models:/{name}/{version}")
             paths["monitoring_reference"] = str(tasks.build_monitoring_reference(
-                champion, rows_to_evaluate(split, "val"), monitoring_dir() / "reference",
-                f"validation split of MLflow run {run_id}"))
+                champion, rows_to_evaluate(split, "val"), cfg.monitoring.reference_dir or default_reference_dir(),
+                f"validation split of MLflow run {run_id}", cfg.monitoring.pca_components))
     return version, promotion, paths
 
 

@@ -64,6 +64,7 @@ class DriftVerdict:
         html: the Evidently HTML report.
         snapshot: the Evidently snapshot JSON (what the dashboard workspace stores).
         window: ``[since, until]`` as ISO-8601 strings, when the rows came from the prediction log.
+        model: ``name`` and ``version`` of the model whose predictions were judged, when from the log.
     """
 
     drifted: bool
@@ -79,6 +80,7 @@ class DriftVerdict:
     html: Path | None = None
     snapshot: Path | None = None
     window: list[str] = field(default_factory=list)
+    model: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -8,16 +8,16 @@ fewer than ``min_predictions`` predictions by the reference's model all raise
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 
-from btc.paths import mlflow_artifacts, mlflow_db, monitoring_dir
-from btc.predlog import PredictionLog
+from btc.paths import monitoring_dir
+from btc.predlog import PredictionLog, utc
 from btc.reference import MonitoringError, Reference, features_from_log, load_reference
 from monitoring.drift import DriftVerdict, drift_report, save_verdict
 
@@ -37,9 +37,9 @@ def window_bounds(window_hours: float, since: datetime | None = None, until: dat
         ValueError: ``window_hours`` is not a finite positive number, or ``since`` is not before ``until``.
     """
     check_options(window_hours=window_hours)
-    until = _utc(until or now or datetime.now(timezone.utc))
+    until = utc(until or now or datetime.now(timezone.utc))
     try:
-        since = _utc(since) if since is not None else until - timedelta(hours=window_hours)
+        since = utc(since) if since is not None else until - timedelta(hours=window_hours)
     except OverflowError:
         raise ValueError(f"window_hours={window_hours} reaches back before the year 1 from {until.isoformat()}; "
                          "expected a shorter window") from None
@@ -64,10 +64,6 @@ def check_options(*, window_hours: float | None = None, min_predictions: int | N
         raise ValueError(f"min_predictions={min_predictions}; expected at least 1")
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"threshold={threshold}; expected a drift share above 0, at most 1")
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def check_log_file(log_path: str | Path) -> None:
@@ -118,38 +114,45 @@ def read_window(log_path: str | Path, reference: Reference, since: datetime, unt
     return ours.reset_index(drop=True)
 
 
-def _start_mlflow_experiment(mlflow, name: str) -> str:
-    """The experiment's id, creating it with local artifacts under BTC_HOME when the store is local."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{mlflow_db()}")
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://", "databricks")):
-        return mlflow.create_experiment(name)  # the server decides where artifacts go
-    root = Path(os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or mlflow_artifacts())
-    return mlflow.create_experiment(name, artifact_location=(root / name).resolve().as_uri())
+def log_to_mlflow(verdict: DriftVerdict, *, experiment: str = EXPERIMENT) -> str:
+    """Log the verdict's metrics, the HTML report and the verdict JSON as one MLflow run; returns its id.
 
+    The store is btc's (:mod:`btc.tracking.store`): ``MLFLOW_TRACKING_URI`` or the embedded one.
 
-def log_to_mlflow(verdict: DriftVerdict, reference: Reference, *, experiment: str = EXPERIMENT) -> str:
-    """Log the verdict's metrics, the HTML report and the verdict JSON as one MLflow run; returns its id."""
-    import mlflow
+    Raises:
+        TrackingError: the store is unreachable or refused the run; the verdict's own files are untouched.
+    """
+    from mlflow.exceptions import MlflowException
 
-    experiment_id = _start_mlflow_experiment(mlflow, experiment)
-    until = verdict.window[1] if verdict.window else datetime.now(timezone.utc).isoformat()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"drift-{until}") as run:
-        mlflow.set_tags({"model_name": reference.metadata["model_name"],
-                         "model_version": str(reference.metadata["model_version"]), "drifted": str(verdict.drifted)})
-        mlflow.log_params({"threshold": verdict.threshold, "window_since": verdict.window[0] if verdict.window else "",
-                           "window_until": until, "reference_images": verdict.n_reference})
-        mlflow.log_metrics({"drift_share": verdict.share, "drifted": float(verdict.drifted),
-                            "predictions": float(verdict.n_current), "drifted_columns": float(len(verdict.drifted_columns)),
-                            **{f"drift_share_{g}": s for g, s in verdict.group_shares.items()}})
+    from btc.tracking import store
+
+    mlflow_client = store.client()  # fails in seconds where MLflow's own client would retry for minutes
+    since, until = verdict.window or ["", datetime.now(timezone.utc).isoformat()]
+    run_id = None
+    try:
+        run = mlflow_client.create_run(store.experiment_id(mlflow_client, experiment), run_name=f"drift-{until}",
+                                       tags={"model_name": verdict.model.get("name", ""),
+                                             "model_version": verdict.model.get("version", ""),
+                                             "drifted": str(verdict.drifted)})
+        run_id = run.info.run_id
+        for key, value in {"threshold": verdict.threshold, "window_since": since, "window_until": until,
+                           "reference_images": verdict.n_reference}.items():
+            mlflow_client.log_param(run_id, key, value)
+        for key, value in {"drift_share": verdict.share, "drifted": float(verdict.drifted),
+                           "predictions": float(verdict.n_current), "drifted_columns": float(len(verdict.drifted_columns)),
+                           **{f"drift_share_{g}": s for g, s in verdict.group_shares.items()}}.items():
+            mlflow_client.log_metric(run_id, key, value)
         if verdict.html is not None:
-            mlflow.log_artifact(str(verdict.html), artifact_path="drift")
-        mlflow.log_dict(verdict.to_dict(), "drift/verdict.json")
-        return run.info.run_id
+            mlflow_client.log_artifact(run_id, str(verdict.html), artifact_path="drift")
+        mlflow_client.log_dict(run_id, verdict.to_dict(), "drift/verdict.json")
+        mlflow_client.set_terminated(run_id)
+        return run_id
+    except (MlflowException, OSError) as err:
+        if run_id is not None:  # not left "running" for ever, if the store still answers
+            with contextlib.suppress(MlflowException, OSError):
+                mlflow_client.set_terminated(run_id, "FAILED")
+        raise store.TrackingError(f"the drift verdict could not be logged to MLflow at {mlflow_client.tracking_uri} "
+                                  f"({type(err).__name__}: {err})") from None
 
 
 def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_hours: float = 24.0,
@@ -166,13 +169,14 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
         until: window end (exclusive, UTC when naive); default now.
         min_predictions: fewest predictions a report is made from.
         threshold: drifted-column share at or above which the window is drifted.
-        out_dir: where ``drift-<until>.html``, ``.json`` (snapshot) and ``.verdict.json`` go.
+        out_dir: where ``drift-<since>-<until>.html``, ``.json`` (snapshot) and ``.verdict.json`` go.
         mlflow: also log metrics and the report to the MLflow experiment ``btc-monitoring``.
         workspace: an Evidently workspace folder to add the snapshot to (the dashboard); None skips it.
 
     Raises:
         MonitoringError: missing or unreadable reference, absent or empty log, too few predictions in the window.
         ValueError: an invalid option (checked before any file is read), or ``log_path`` is not a prediction log.
+        TrackingError: with ``mlflow``, the verdict could not be logged (its files are written by then).
     """
     check_options(window_hours=window_hours, min_predictions=min_predictions, threshold=threshold)
     since, until = window_bounds(window_hours, since, until)
@@ -180,19 +184,20 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
     reference = load_reference(reference_dir)
     rows = read_window(log_path, reference, since, until, min_predictions=min_predictions)
     current = features_from_log(rows, reference)
-    stem = Path(out_dir) / f"drift-{until:%Y%m%dT%H%M%SZ}"
+    stem = Path(out_dir) / f"drift-{since:%Y%m%dT%H%M%SZ}-{until:%Y%m%dT%H%M%SZ}"  # two windows never share files
     verdict = drift_report(reference.features, current, out_html=stem.with_suffix(".html"), threshold=threshold,
                            timestamp=until, metadata={"model_name": reference.metadata["model_name"],
                                                       "model_version": str(reference.metadata["model_version"]),
                                                       "since": since.isoformat(), "until": until.isoformat()})
     verdict.window = [since.isoformat(), until.isoformat()]
+    verdict.model = {"name": reference.metadata["model_name"], "version": str(reference.metadata["model_version"])}
     save_verdict(verdict, stem.with_suffix(".verdict.json"))
     if workspace is not None:
         from monitoring.dashboard import add_snapshot
 
         add_snapshot(workspace, verdict.snapshot)
     if mlflow:
-        log_to_mlflow(verdict, reference)
+        log_to_mlflow(verdict)
     log.info("%s", verdict.summary())
     return verdict
 

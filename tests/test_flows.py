@@ -159,6 +159,9 @@ def test_monitoring_skips_without_reference(prefect_server, tmp_path):
 
     result = monitoring(window_hours=1)
     assert result["status"] == "skipped" and "reference" in result["summary"]
+    elsewhere = tmp_path / "elsewhere"  # the config's reference folder, as `btc monitor` reads it
+    result = monitoring(window_hours=1, overrides=[f"monitoring.reference_dir={elsewhere}"])
+    assert result["status"] == "skipped" and f"monitoring reference {str(elsewhere)!r} lacks" in result["summary"]
 
 
 def test_drift_triggers_the_retrain_deployment(promoted, tiny_data, monkeypatch):
@@ -184,8 +187,14 @@ def test_drift_triggers_the_retrain_deployment(promoted, tiny_data, monkeypatch)
     deployment_id = retrain.apply()
     assert retrain_deployment_available() == (True, "")
 
-    result = monitoring(window_hours=1, overrides=["monitoring.min_predictions=20"])
+    workspace = Path(prediction_log_path()).parent / "my-dashboard"
+    result = monitoring(overrides=["monitoring.min_predictions=20", "monitoring.window_hours=1",
+                                   f"monitoring.workspace={workspace}"])  # the window and workspace from the config
     assert result["status"] == "drift", result["summary"]
+    assert workspace.is_dir() and any(workspace.rglob("*.json"))
+    experiment = MlflowClient().get_experiment_by_name("btc-monitoring")  # logged by its own task
+    logged = MlflowClient().search_runs([experiment.experiment_id])
+    assert [r.data.tags["drifted"] for r in logged] == ["True"] and logged[0].data.params["window_until"]
     assert result["action"].startswith(f"triggered deployment {RETRAIN_DEPLOYMENT}: flow run"), result["action"]
     assert Path(result["html"]).is_file()
     with get_client(sync_client=True) as client:

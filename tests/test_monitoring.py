@@ -89,7 +89,8 @@ def monitored(predictor, grays, traffic, reference_dir, tmp_path_factory):
                   workspace=root / "evidently")
         day1 = run_monitoring(log.path, reference_dir, until=DAY2, **kw)
         day2 = run_monitoring(log.path, reference_dir, until=DAY2 + timedelta(days=1), **kw)
-    return {"root": root, "log": log.path, "day1": day1, "day2": day2, "inverted": inverted}
+    return {"root": root, "log": log.path, "day1": day1, "day2": day2, "inverted": inverted,
+            "reference_dir": reference_dir}
 
 
 def test_log_records_have_the_service_record_shape(predictor, grays, tmp_path):
@@ -113,6 +114,21 @@ def test_log_records_have_the_service_record_shape(predictor, grays, tmp_path):
     assert image_statistics(images[0]) == records[0]["stats"] and back["width"][0] == 96
     with pytest.raises(ValueError, match="6 images but 2 timestamps"):
         log_records(predictor, images, ts=[DAY1, DAY2])
+
+
+def test_a_reference_mixed_from_two_builds_is_refused(predictor, grays, reference_dir, tmp_path):
+    """A monitor reading while the pipeline rewrites the reference gets an error, not one build's PCA with another's features."""
+    import shutil
+
+    mixed = Path(shutil.copytree(reference_dir, tmp_path / "mixed"))
+    other = build_reference(predictor, grays[1::2], pca_components=8).save(tmp_path / "other")
+    assert load_reference(mixed).metadata == load_reference(reference_dir).metadata  # a copy reads as the original
+    shutil.copy(other / "pca.npz", mixed / "pca.npz")  # the new PCA is in place, reference.json still the old one
+    with pytest.raises(MonitoringError, match=r"mixed/pca\.npz' is not the file reference\.json was written with"):
+        load_reference(mixed)
+    build_reference(predictor, grays[1::2], pca_components=8).save(mixed)  # a whole rewrite in place
+    assert sorted(p.name for p in mixed.iterdir()) == ["features.parquet", "pca.npz", "reference.json"]
+    np.testing.assert_array_equal(load_reference(mixed).components, load_reference(other).components)
 
 
 def test_features_of_service_records_equal_those_of_log_records(predictor, synth_root, reference_dir):
@@ -180,6 +196,11 @@ def test_verdicts_are_logged_to_mlflow(monitored):
     assert runs[1].data.metrics["drifted"] == 1.0 and runs[1].data.metrics["predictions"] == 80
     artifacts = [a.path for a in client.list_artifacts(runs[1].info.run_id, "drift")]
     assert "drift/verdict.json" in artifacts and any(a.endswith(".html") for a in artifacts)
+    reference = load_reference(monitored["reference_dir"])
+    assert runs[1].data.tags["model_name"] == reference.metadata["model_name"] == monitored["day2"].model["name"]
+    assert runs[1].data.tags["model_version"] == str(reference.metadata["model_version"])
+    assert runs[1].data.params["window_since"] == monitored["day2"].window[0]
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
 
 def test_ct_like_images_drift_and_trigger_retraining(monitored, caplog):
@@ -280,6 +301,15 @@ def test_cli_monitor_exit_codes(monitored, reference_dir, tmp_path):
     assert "DRIFT in" in drifted.output and f"would trigger deployment {RETRAIN_DEPLOYMENT}" in drifted.output
     too_few = CliRunner().invoke(app, base + ["--until", "2025-03-01T00:30:00"])
     assert too_few.exit_code == 1 and "no predictions between" in too_few.output
+    # An unreachable MLflow store costs the MLflow copy, not the verdict or its exit code.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once the socket closes
+    offline = CliRunner().invoke(app, [a for a in base if a != "--no-mlflow"] + ["--until", "2025-03-03T00:00:00"],
+                                 env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert offline.exit_code == EXIT_DRIFT and "DRIFT in" in offline.output, offline.output
+    assert f"cannot reach MLflow tracking server at http://127.0.0.1:{port}" in offline.output
+    assert "the verdict is kept in" in offline.output and "Traceback" not in offline.output
 
 
 def test_cli_monitor_reference_builds_from_the_validation_split(trained_run, synth_split, tmp_path):
@@ -344,6 +374,38 @@ def test_prediction_log_names_a_file_that_is_not_one(tmp_path):
                                              r"tables \(patients\); it is left as it was"):
             call(PredictionLog(another))
     assert another.read_bytes() == before  # no table added, not switched to WAL
+
+
+def test_windows_ending_together_keep_their_own_reports(traffic, reference_dir, tmp_path):
+    log = PredictionLog(tmp_path / "log.sqlite")
+    log.append(_stamped(traffic, DAY1))
+    until = DAY1 + timedelta(minutes=len(traffic))
+    kw = dict(until=until, min_predictions=10, threshold=0.3, out_dir=tmp_path / "reports")
+    six, one = run_monitoring(log.path, reference_dir, window_hours=6, **kw), \
+        run_monitoring(log.path, reference_dir, window_hours=0.25, **kw)
+    assert six.html != one.html and six.html.is_file() and one.html.is_file()
+    assert six.html.name == f"drift-{until - timedelta(hours=6):%Y%m%dT%H%M%SZ}-{until:%Y%m%dT%H%M%SZ}.html"
+    assert json.loads(six.html.with_suffix(".verdict.json").read_text())["n_current"] == len(traffic)
+    assert json.loads(one.html.with_suffix(".verdict.json").read_text())["n_current"] == 15
+
+
+def test_every_form_of_a_time_lands_in_its_utc_window(traffic, tmp_path, monkeypatch):
+    """A datetime, another UTC offset and a "Z" all mean 11:30 UTC; naive bounds mean UTC, whatever TZ says."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        log = PredictionLog(tmp_path / "log.sqlite")
+        at = datetime(2025, 3, 2, 11, 30, tzinfo=timezone.utc)
+        stamps = [at, at.replace(tzinfo=None), "2025-03-02T12:30:00+01:00", "2025-03-02T11:30:00Z", at.isoformat()]
+        log.append([{**r, "ts": ts} for r, ts in zip(traffic, stamps)])
+        assert len(log.read(datetime(2025, 3, 2, 11), datetime(2025, 3, 2, 12))) == len(stamps)
+        assert len(log.read(at.replace(hour=11, minute=31), at.replace(hour=13))) == 0
+        with pytest.raises(ValueError, match=r"ts='yesterday' is not an ISO-8601 time"):
+            log.append([{**traffic[0], "ts": "yesterday"}])
+        assert log.count() == len(stamps)  # the refused batch wrote nothing
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize("hours", [float("inf"), float("nan"), -1.0, 0.0, 1e12])

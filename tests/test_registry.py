@@ -257,6 +257,17 @@ def test_a_rolled_back_challenger_is_not_promoted_again(reg):
     assert promote(name, permissive()).promoted and aliases(name)["champion"] == "3"
 
 
+def test_promotion_refuses_a_challenger_registered_by_someone_else(reg):
+    """The pipeline promotes the version it registered, never one another run registered meanwhile."""
+    name = "overtaken"
+    mine = register(reg.bad, name)
+    theirs = register(reg.good, name)  # another run registered after this one, before its gates
+    with pytest.raises(RegistryError, match=rf"challenger is v{theirs}, not v{mine}: another run was registered"):
+        promote(name, permissive(), expected_challenger=mine)
+    assert "champion" not in aliases(name) and "promotion.decision" not in version_tags(name, theirs)
+    assert promote(name, permissive(), expected_challenger=theirs).promoted
+
+
 def test_model_names_with_quotes(reg):
     register(reg.good, "it's")
     res = cli("registry", "list", "--name", "it's")

@@ -313,7 +313,7 @@ def _move_champion(mlflow_client: MlflowClient, model: RegisteredModel, challeng
 
 
 def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, eval_source: str | None = None,
-            lock_timeout: float = LOCK_TIMEOUT_S) -> PromotionResult:
+            lock_timeout: float = LOCK_TIMEOUT_S, expected_challenger: str | None = None) -> PromotionResult:
     """Move ``champion`` to the challenger if every gate passes; record the decision either way.
 
     Args:
@@ -323,11 +323,13 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
             the challenger's run.
         eval_source: how to describe ``eval_rows`` in the result and tags.
         lock_timeout: seconds to wait for a concurrent promotion to finish.
+        expected_challenger: the version the caller registered; if ``challenger`` now points
+            elsewhere (another run registered since), nothing is judged.
 
     Raises:
         TrackingError: the store is unreachable.
-        RegistryError: unknown name, no challenger, or the aliases moved during evaluation
-            (nothing changed in each case).
+        RegistryError: unknown name, no challenger, a challenger other than ``expected_challenger``,
+            or the aliases moved during evaluation (nothing changed in each case).
     """
     mlflow_client = store.client(must_exist=True)
     registered_model(mlflow_client, name)
@@ -337,6 +339,9 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
             raise RegistryError(f"model {name!r} has no {CHALLENGER!r} alias; register a run first: "
                                 f"btc registry register RUN_ID --name {name}")
         challenger = str(aliases[CHALLENGER])
+        if expected_challenger is not None and challenger != str(expected_challenger):
+            raise RegistryError(f"model {name!r}: {CHALLENGER} is v{challenger}, not v{expected_challenger}: another "
+                                f"run was registered since; v{expected_challenger} was not judged and nothing changed")
         champion = str(aliases[CHAMPION]) if CHAMPION in aliases else None
         if challenger == champion:
             return PromotionResult(name, challenger, champion, champion, False,
