@@ -179,6 +179,7 @@ def train(
 
 def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, json_path: Path | None, cfg,
               against: Path | None = None) -> dict:
+    from btc.data.images import ImageDecodeError
     from btc.evaluate import rows_to_evaluate, summary_lines, write_report
     from btc.predict import Predictor, is_mlflow_uri
     from btc.reports import evaluation_artifacts, load_history
@@ -201,8 +202,11 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
         raise fail(str(err)) from None
     rows = _flag_against_training(rows, model, against, cfg.data.near_duplicate_distance)
     history = None if is_mlflow_uri(model) else load_history(Path(model))
-    report = evaluation_artifacts(predictor, rows, out_dir, history=history, n_bins=cfg.eval.ece_bins,
-                                  gradcam_per_class=cfg.eval.gradcam_per_class, progress=True)
+    try:
+        report = evaluation_artifacts(predictor, rows, out_dir, history=history, n_bins=cfg.eval.ece_bins,
+                                      gradcam_per_class=cfg.eval.gradcam_per_class, progress=True)
+    except ImageDecodeError as err:  # a file gone or changed since the manifest: named, nothing written
+        raise fail(str(err)) from None
     cfg.save(out_dir / "config.yaml")
     if json_path:
         write_report(report, json_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from btc.data.cache import decode_all
+from btc.data.cache import decode_rows
 from btc.labels import CLASSES
 from btc.metrics import classification_metrics, expected_calibration_error, softmax
 from btc.predict import Predictor
@@ -42,7 +42,7 @@ def rows_to_evaluate(table: pd.DataFrame, split: str | None = "test") -> pd.Data
 
 def predict_rows(predictor: Predictor, rows: pd.DataFrame, progress: bool = False) -> np.ndarray:
     """Uncalibrated logits-equivalent: log-probabilities at temperature 1 for ``rows``."""
-    images = decode_all(list(rows["path"]), predictor.image_size, progress=progress)
+    images = decode_rows(rows, predictor.image_size, progress=progress)
     return predictor.predict_proba(list(images), calibrated=False)
 
 

@@ -121,6 +121,15 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     assert res.exit_code == 2 and "not a split (no 'split' column)" in res.output
     res = invoke("evaluate", "--model", model, "--data", tmp_path / "missing.parquet")
     assert res.exit_code == 2 and "missing.parquet' does not exist" in res.output
+    # A manifest whose image was replaced since: named, not evaluated with its old label.
+    from btc.data.manifest import build_manifest, save_manifest
+
+    save_manifest(build_manifest(tmp_path / "ext", progress=False), tmp_path / "ext.parquet")
+    changed = tmp_path / "ext" / "glioma" / "test.jpg"
+    shutil.copy(tmp_path / "ext" / "notumor" / "test.jpg", changed)
+    res = invoke("evaluate", "--model", model, "--data", tmp_path / "ext.parquet", "--out", tmp_path / "ev2")
+    assert res.exit_code == 2 and f"{changed}: changed since the manifest was built" in res.output, res.output
+    assert "Traceback" not in res.output
     report = json.loads((tmp_path / "m.json").read_text())
     assert {"accuracy", "macro_f1", "ece", "n_images", "per_class"} <= set(report)
 

@@ -287,8 +287,56 @@ def test_a_file_changed_since_the_manifest_is_named_when_decoded(tmp_path):
     gone = _write(tmp_path / "glioma" / "b.jpg")
     m = build_manifest(tmp_path, progress=False)
     gone.write_text("replaced by text")
-    with pytest.raises(ImageDecodeError, match=f"^{gone}: not an image"):
+    with pytest.raises(ImageDecodeError, match=f"^{gone}: changed since the manifest was built"):
         cached_images(m, 32, tmp_path / "cache", progress=False)
+    gone.unlink()
+    with pytest.raises(ImageDecodeError, match=f"^{gone}: cannot read file: No such file"):
+        cached_images(m, 32, tmp_path / "cache", progress=False)
+
+
+def test_an_image_replaced_by_another_since_the_manifest_is_not_cached(tmp_path):
+    """The cache is named by the manifest's hashes: other pixels must never be stored under that name."""
+    from btc.data.cache import cached_images
+
+    _write(tmp_path / "glioma" / "a.jpg")
+    changed = _write(tmp_path / "glioma" / "b.jpg")
+    m = build_manifest(tmp_path, progress=False)
+    Image.new("L", (40, 30), 255).save(changed)  # still a readable image, other pixels
+    with pytest.raises(ImageDecodeError, match=f"^{changed}: changed since the manifest was built"):
+        cached_images(m, 32, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_two_runs_filling_one_cache_at_once_both_succeed(tmp_path, monkeypatch):
+    import threading
+
+    from btc.data import cache
+
+    for name in "ab":
+        _write(tmp_path / "glioma" / f"{name}.jpg")
+    m = build_manifest(tmp_path, progress=False)
+    both_written, save = threading.Barrier(2, timeout=20), np.save
+
+    def save_then_wait(path, array):  # both writers finish writing before either renames
+        save(path, array)
+        both_written.wait()
+
+    monkeypatch.setattr(cache.np, "save", save_then_wait)
+    errors, results = [], []
+
+    def fill():
+        try:
+            results.append(np.asarray(cache.cached_images(m, 32, tmp_path / "cache", progress=False)))
+        except Exception as err:  # noqa: BLE001 - the test reports whatever a writer raised
+            errors.append(err)
+
+    threads = [threading.Thread(target=fill) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 2 and np.array_equal(results[0], results[1])
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"images-{cache.cache_key(m, 32)}.npy"]
 
 
 def test_pipes_devices_and_folders_are_refused_before_reading(tmp_path):

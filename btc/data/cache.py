@@ -3,12 +3,14 @@
 Training reads batches straight from one ``uint8 [N, size, size]`` array (memory-mapped from
 ``.npy``), so no epoch decodes a JPEG again. The cache file's name is a digest of the files'
 hashes, the size and the decoder's version, so a changed dataset, size or decoder never reuses a
-stale cache.
+stale cache; the bytes decoded into it are checked against those hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,30 +18,49 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from btc.data.images import DECODER_VERSION, ImageDecodeError, decode_gray, resize_gray
+from btc.data.images import DECODER_VERSION, ImageDecodeError, decode_gray, read_image_file, resize_gray
 
 
-def load_resized(path: str | Path, size: int) -> np.ndarray:
+def load_resized(path: str | Path, size: int, sha256: str | None = None) -> np.ndarray:
     """Decode one file to grayscale and resize it to ``size`` x ``size`` (uint8).
 
+    Args:
+        sha256: the file's hash in the manifest; when given, other bytes are refused.
+
     Raises:
-        ImageDecodeError: the file cannot be used; the message names it (it may have changed
-            or moved since the manifest was built).
+        ImageDecodeError: the file cannot be used, or is not the file the manifest hashed; the
+            message names it (it may have changed or moved since the manifest was built).
     """
     try:
-        return resize_gray(decode_gray(path)[0], size)
+        data = read_image_file(path)
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ImageDecodeError("changed since the manifest was built (its SHA-256 differs); build the "
+                                   "manifest and split again (btc data manifest / btc data split)")
+        return resize_gray(decode_gray(data)[0], size)
     except ImageDecodeError as err:
         raise ImageDecodeError(f"{path}: {err}") from None
 
 
-def decode_all(paths: list[str], size: int, *, workers: int = 4, progress: bool = True) -> np.ndarray:
-    """Decode and resize ``paths`` into one ``uint8 [N, size, size]`` array."""
+def decode_all(paths: list[str], size: int, *, workers: int = 4, progress: bool = True,
+               sha256: list[str] | None = None) -> np.ndarray:
+    """Decode and resize ``paths`` into one ``uint8 [N, size, size]`` array (checked against ``sha256`` if given)."""
     out = np.empty((len(paths), size, size), dtype=np.uint8)
+    hashes = sha256 if sha256 is not None else [None] * len(paths)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = pool.map(lambda p: load_resized(p, size), paths)
+        jobs = pool.map(lambda job: load_resized(job[0], size, job[1]), zip(paths, hashes))
         for i, img in enumerate(tqdm(jobs, total=len(paths), desc=f"decode {size}px", unit="img", disable=not progress)):
             out[i] = img
     return out
+
+
+def decode_rows(rows: pd.DataFrame, size: int, *, progress: bool = True) -> np.ndarray:
+    """Decode manifest or split rows (in order), each checked against its ``sha256`` when the rows have one.
+
+    Raises:
+        ImageDecodeError: a file cannot be used or is not the one the manifest hashed (named in the message).
+    """
+    hashes = list(rows["sha256"]) if "sha256" in rows else None
+    return decode_all(list(rows["path"]), size, progress=progress, sha256=hashes)
 
 
 def cache_key(rows: pd.DataFrame, size: int) -> str:
@@ -60,9 +81,13 @@ def cached_images(rows: pd.DataFrame, size: int, cache_dir: Path, *, progress: b
     target = cache_dir / f"images-{cache_key(rows, size)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
-    images = decode_all(list(rows["path"]), size, progress=progress)
+    # The bytes must be those the manifest hashed: the cache is named by those hashes.
+    images = decode_rows(rows, size, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp.npy")
-    np.save(tmp, images)
-    tmp.replace(target)  # atomic: a crash never leaves a half-written cache behind
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}-{uuid.uuid4().hex}.tmp.npy")  # one per writer
+    try:
+        np.save(tmp, images)
+        tmp.replace(target)  # atomic: a crash never leaves a half-written cache behind
+    finally:
+        tmp.unlink(missing_ok=True)
     return images

@@ -44,7 +44,7 @@ from mlflow.entities.model_registry import RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from btc.config import Config
-from btc.data.cache import decode_all
+from btc.data.cache import decode_rows
 from btc.evaluate import evaluate_predictor, rows_to_evaluate
 from btc.paths import btc_home
 from btc.tables import read_parquet
@@ -286,7 +286,7 @@ def _judge(name: str, challenger: str, champion: str | None, cfg: Config,
     mine = evaluate_predictor(candidate, eval_rows, n_bins=cfg.eval.ece_bins)
     theirs = (evaluate_predictor(load_predictor(f"models:/{name}/{champion}"), eval_rows, n_bins=cfg.eval.ece_bins)
               if champion is not None else None)
-    measured = behaviour(candidate, decode_all(list(eval_rows["path"]), candidate.image_size, progress=False))
+    measured = behaviour(candidate, decode_rows(eval_rows, candidate.image_size, progress=False))
     return evaluate_gates(mine, theirs, measured, cfg.registry.gates)
 
 
