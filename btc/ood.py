@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from btc.data.images import seek_middle_frame
+
 # Modes whose pixels carry no colour: their saturation is 0 by definition.
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _SATURATION_SIDE = 128
@@ -78,6 +80,7 @@ def colour_saturation(data: bytes, mode: str) -> float:
     if mode in _GREY_MODES or data[128:132] == b"DICM":
         return 0.0
     with Image.open(io.BytesIO(data)) as image:
+        seek_middle_frame(image)  # the frame that is classified
         image.draft("RGB", (_SATURATION_SIDE, _SATURATION_SIDE))
         image.thumbnail((2 * _SATURATION_SIDE, 2 * _SATURATION_SIDE))
         rgb = np.asarray(image.convert("RGB"), dtype=np.int16)

@@ -224,12 +224,12 @@ def test_bilevel_and_16_bit_big_endian_images_decode(tmp_path, mode, arr):
         assert (np.diff(gray.astype(int).ravel()) >= 0).all()  # the ramp survives in order
 
 
-def _write_dicom_frames(path, pixels, photometric, samples=1):
+def _write_dicom_frames(path, pixels, photometric, samples=1, syntax="1.2.840.10008.1.2.1"):
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax  # default Explicit VR Little Endian
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
@@ -258,6 +258,18 @@ def test_multi_frame_colour_and_monochrome1_dicom(tmp_path):
     assert gray.shape == (32, 48) and gray[0, 0] < gray[0, -1]  # three frames of 48 columns: not taken for colour
     gray, info = decode_gray(_write_dicom_frames(tmp_path / "m1.dcm", ramp, "MONOCHROME1"))
     assert info.mode == "L" and gray[0, 0] > gray[0, -1]  # MONOCHROME1: low values display bright
+
+
+def test_a_deflated_dicom_is_bounded_before_it_is_inflated(tmp_path):
+    """Deflated DICOM is inflated whole on opening: 20 frames of zeros deflate ~1000:1 and must be refused first."""
+    frames = np.zeros((20, 300, 300), np.uint8)
+    frames[10, 100:200, 100:200] = 200  # the middle frame holds the only bright square
+    path = _write_dicom_frames(tmp_path / "deflated.dcm", frames, "MONOCHROME2", syntax="1.2.840.10008.1.2.1.99")
+    assert path.stat().st_size < 10_000  # 1.8 MB of pixels
+    gray, info = decode_gray(path)
+    assert (info.width, info.height) == (300, 300) and gray[150, 150] == 255 and gray[50, 50] == 0
+    with pytest.raises(ImageDecodeError, match=r"deflated DICOM inflates to more than 1448576 bytes"):
+        decode_gray(path, max_pixels=100_000)  # one frame (90,000 pixels) is within it, the file is not
 
 
 def test_an_unexpected_decoder_failure_is_an_unreadable_row(tmp_path, monkeypatch):

@@ -114,6 +114,12 @@ def test_colour_saturation_is_zero_for_grey_files_and_high_for_colour():
     assert colour_saturation(encode(grey[..., 0]), "L") == 0.0
     assert colour_saturation(encode(grey), "RGB") < 0.02  # grey content stored as RGB
     assert colour_saturation(encode(colour_photo()), "RGB") > 0.15
+    # a stack is judged by its middle frame, the one the model classifies
+    colour, gray = Image.fromarray(colour_photo()), Image.fromarray(grey)
+    for order, expect_colour in (([colour, gray, gray], False), ([gray, colour, gray], True)):
+        buffer = io.BytesIO()
+        order[0].save(buffer, format="TIFF", save_all=True, append_images=order[1:])
+        assert (colour_saturation(buffer.getvalue(), "RGB") > 0.15) is expect_colour
 
 
 # --- request logic -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +76,37 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
+def _check_inflated_size(data: bytes, max_bytes: int) -> None:
+    """A deflated DICOM is inflated whole as soon as it is opened (header included): bound that first.
+
+    Raises:
+        ImageDecodeError: the data inflate to more than ``max_bytes``, or cannot be inflated.
+    """
+    at = data.find(b"\x02\x00\x10\x00UI", 132, 4096)  # (0002,0010) Transfer Syntax UID, explicit VR
+    if at < 0:
+        return
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    if data[at + 8:at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace") != DEFLATED_DICOM:
+        return
+    if data[132:138] != b"\x02\x00\x00\x00UL":  # (0002,0000) group length: where the deflated data start
+        raise ImageDecodeError("deflated DICOM without a file meta group length; its size cannot be checked")
+    start = 144 + int.from_bytes(data[140:144], "little")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(data[start:], max_bytes)
+    except zlib.error as err:
+        raise ImageDecodeError(f"deflated DICOM data cannot be inflated ({err})") from None
+    if inflater.unconsumed_tail:
+        raise ImageDecodeError(f"deflated DICOM inflates to more than {max_bytes} bytes, over the limit")
+
+
 def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     import pydicom
 
+    _check_inflated_size(data, 4 * max_pixels + 2**20)  # room for 4 bytes a pixel and the other elements
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -85,19 +114,19 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
         raise ImageDecodeError(f"not a readable DICOM image ({type(err).__name__}: {err})") from None
     if rows * cols > max_pixels:
         raise ImageDecodeError(f"image is {cols}x{rows} = {rows * cols} pixels, over the limit of {max_pixels}")
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        # only the middle frame is decoded: [rows, cols(, samples)], however many frames the file holds
+        raw = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
         # the modality LUT (RescaleSlope/Intercept): a negative slope reverses which tissue is bright
-        pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+        pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     except Exception as err:  # pydicom raises many types for broken pixel data
         raise ImageDecodeError(f"DICOM pixel data cannot be decoded ({err})") from None
     _finite(pixels)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if frames > 1:  # [frames, rows, cols(, samples)]: the middle frame
-        pixels = pixels[frames // 2]
     if samples > 1:  # [rows, cols, samples]: the mean of the colour channels
         pixels = pixels[..., :3].mean(-1)
     if pixels.shape != (rows, cols):
@@ -153,8 +182,7 @@ def decode_gray(
     if im.mode not in SUPPORTED_MODES:
         raise ImageDecodeError(f"unsupported image mode {im.mode!r}; supported: {', '.join(SUPPORTED_MODES)}")
     try:
-        if getattr(im, "n_frames", 1) > 1:  # a stack (multi-page TIFF, GIF): the middle frame, as for DICOM
-            im.seek(im.n_frames // 2)
+        if seek_middle_frame(im):
             _within_pixels(im, max_pixels, f"frame {im.tell()} of {im.n_frames}")  # each TIFF page has its own size
         im.load()
     except ImageDecodeError:
@@ -168,6 +196,18 @@ def decode_gray(
         raise ImageDecodeError(f"cannot decode this image ({type(err).__name__}: {err})") from None
     info = ImageInfo(im.format or "?", im.width, im.height, im.mode)
     return gray_of_pil(_upright(im)), info
+
+
+def seek_middle_frame(im: Image.Image) -> bool:
+    """Move a stack (multi-page TIFF, animated GIF) to its middle frame, as multi-frame DICOM is read.
+
+    Returns:
+        Whether ``im`` has several frames.
+    """
+    if getattr(im, "n_frames", 1) <= 1:
+        return False
+    im.seek(im.n_frames // 2)
+    return True
 
 
 def _within_pixels(im: Image.Image, max_pixels: int, what: str) -> None:
