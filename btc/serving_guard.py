@@ -49,6 +49,11 @@ async def _answer(scope: Scope, receive: Receive, send: Send, status: int, messa
     await JSONResponse({"error": message}, status_code=status, headers=headers or None)(scope, receive, send)
 
 
+# BentoML stores each upload in a temporary file whose name ends with the client's file name;
+# most file systems allow 255 bytes a name, so a longer one would be a 500 for the whole request.
+MAX_FILENAME_BYTES = 200
+
+
 class _FormScan:
     """Counts the body's bytes and reads the form's part headers as the body streams to the app.
 
@@ -65,6 +70,7 @@ class _FormScan:
         self.size = 0
         self.parts: list[tuple[str | None, bool]] = []  # (field name, None without one; has a filename)
         self.malformed: str | None = None
+        self.long_name: tuple[str, int] | None = None  # the first file name over MAX_FILENAME_BYTES, its length
         self._header_name = self._header_value = self._disposition = b""
         self._parser = MultipartParser(boundary, {
             "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
@@ -90,6 +96,9 @@ class _FormScan:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name")
         self.parts.append((None if name is None else name.decode("utf-8", "replace"), b"filename" in options))
+        filename = options.get(b"filename", b"").replace(b"\\", b"/").rsplit(b"/", 1)[-1]
+        if len(filename) > MAX_FILENAME_BYTES and self.long_name is None:  # BentoML's temporary file takes the name
+            self.long_name = filename.decode("utf-8", "replace"), len(filename)
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -117,6 +126,9 @@ class _FormScan:
                          f"this endpoint takes the image file(s) in field '{field}'")
         if any(not has_file for _, has_file in self.parts):
             return 400, f"form field '{field}' must be a file upload (a part with a filename), not text"
+        if self.long_name is not None:
+            return 400, (f"file name {self.long_name[0][:40]!r}... is {self.long_name[1]} bytes long; "
+                         f"at most {MAX_FILENAME_BYTES} bytes are accepted: rename the file")
         if self.one_file is not None and len(self.parts) > 1:
             return 400, (f"{len(self.parts)} files sent in field '{field}'; this endpoint takes one file "
                          f"per request; {self.one_file}")

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -253,3 +254,19 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def header_values(headers: dict[str, str]) -> dict[str, str]:
+    """HTTP header values as HTTP can carry them: Latin-1 text as it is, anything else percent-encoded (UTF-8).
+
+    A model version named after a run folder such as ``实验1`` would otherwise fail the response.
+    """
+    def one(value: str) -> str:
+        value = " ".join(str(value).split())  # no line breaks inside a header
+        try:
+            value.encode("latin-1")
+            return value
+        except UnicodeEncodeError:
+            return quote(value, safe=" !#$&'()*+,/:;=?@[]~<>.-_")
+
+    return {name: one(value) for name, value in headers.items()}

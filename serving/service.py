@@ -216,9 +216,12 @@ class BrainTumorClassifier:
                                   model_version=card["model_version"], rule=SETTINGS.rule,
                                   elapsed_ms=(time.perf_counter() - started) * 1000)
         await self._log_answers([upload], [answer], [output])
-        return Response(result["png"], media_type="image/png", headers={
-            "X-Predicted-Class": answer["predicted"], "X-Confidence": f"{answer['confidence']:.6f}",
-            "X-Model-Name": card["model_name"], "X-Model-Version": card["model_version"]})
+        headers = {"X-Predicted-Class": answer["predicted"], "X-Confidence": f"{answer['confidence']:.6f}",
+                   "X-Model-Name": card["model_name"], "X-Model-Version": card["model_version"],
+                   "X-OOD": str(answer["ood"]).lower()}
+        if answer["warning"]:  # the caution /predict gives travels with the heatmap too
+            headers["X-Warning"] = answer["warning"]
+        return Response(result["png"], media_type="image/png", headers=logic.header_values(headers))
 
     @web.get("/metadata")
     async def metadata(self) -> dict:

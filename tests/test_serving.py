@@ -122,6 +122,16 @@ def test_colour_saturation_is_zero_for_grey_files_and_high_for_colour():
         assert (colour_saturation(buffer.getvalue(), "RGB") > 0.15) is expect_colour
 
 
+def test_header_values_carry_any_model_version():
+    """A version named after a run folder in another script must not fail /explain's response."""
+    from btc.serving_logic import header_values
+
+    values = header_values({"X-Model-Version": "实验1", "X-Model-Name": "btc-classifier", "X-Warning": "two\nlines"})
+    assert values == {"X-Model-Version": "%E5%AE%9E%E9%AA%8C1", "X-Model-Name": "btc-classifier",
+                      "X-Warning": "two lines"}
+    assert all(v.encode("latin-1") for v in values.values())
+
+
 # --- request logic -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data, status, message", [
@@ -419,6 +429,7 @@ class TestService:
          "the body is not valid multipart/form-data"),
         (None, {"content": b"garbage", "headers": {**AUTH, "Content-Type": "multipart/form-data"}}, 400,
          "multipart/form-data without a boundary"),
+        ("long name", {}, 400, "is 264 bytes long; at most 200 bytes are accepted: rename the file"),
         (None, {}, 400, "empty request: send multipart/form-data"),
         (None, {"json": {"image": "x"}}, 415, "unsupported content type 'application/json'"),
         (None, {"content": b"", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}}, 400,
@@ -432,6 +443,8 @@ class TestService:
             files = image_file(mri_path, field="file")
         elif files == "two files":
             files = image_file(mri_path) + [("image", ("x.txt", b"second file", "text/plain"))]
+        elif files == "long name":  # 130 two-byte letters: BentoML's temporary file could not be named after it
+            files = [("image", ("\u00e9" * 130 + ".jpg", mri_path.read_bytes(), "image/jpeg"))]
         log = PredictionLog(server[1] / "btc_home" / "predictions.sqlite")
         before = log.count()
         response = post(url, "/predict", files, **kwargs)
@@ -479,6 +492,10 @@ class TestService:
             assert body["ood"] is True and body["warning"].startswith("This image does not look like"), body
         photo = post(url, "/predict", [("image", ("p.jpg", encode(colour_photo(), "JPEG"), "image/jpeg"))]).json()
         assert any("colour image" in r for r in photo["ood_reasons"])
+        # the heatmap of a photo carries the same caution
+        explained = post(url, "/explain", [("image", ("p.jpg", encode(colour_photo(), "JPEG"), "image/jpeg"))])
+        assert explained.status_code == 200 and explained.headers["X-OOD"] == "true"
+        assert explained.headers["X-Warning"] == photo["warning"]
 
     def test_concurrent_requests_are_batched(self, server, mri_paths):
         url, _ = server
