@@ -68,6 +68,15 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
     # Absolute, because the server runs from the project root: the default MLflow store and the
     # prediction log stay where `btc` would put them from the caller's directory.
     env["BTC_HOME"] = str(Path(env.get("BTC_HOME", ".btc")).resolve())
+    for name in ("BTC_PREDICTION_LOG", "MLFLOW_ARTIFACTS_DESTINATION"):
+        if env.get(name):
+            env[name] = str(Path(env[name]).resolve())
+    from btc.tracking.store import sqlite_path
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        db = sqlite_path(env.get(name) or "")  # sqlite:///mlflow.db is relative to the caller's folder
+        if db is not None and not db.is_absolute():
+            env[name] = env[name].replace(f"sqlite:///{db}", f"sqlite:///{db.resolve()}", 1)
     if config is not None:
         env["BTC_CONFIG"] = str(Path(config).resolve())
     key = env.get(api_key_env)
@@ -88,7 +97,8 @@ def model_load_error(env: dict[str, str]) -> str | None:
     Args:
         env: the server's environment (see :func:`serve_environment`); ``BTC_MODEL_URI`` names the model.
     """
-    done = subprocess.run([sys.executable, "-c", _LOAD_CHECK], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _LOAD_CHECK], env=env, capture_output=True, text=True,
+                          cwd=PROJECT_ROOT)  # where the server runs
     if done.returncode == 0:
         return None
     lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]

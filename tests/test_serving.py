@@ -246,6 +246,13 @@ def test_serve_environment_passes_model_key_and_workers(tmp_path):
                             base={"BTC_API_KEY": "old"})
     assert "BTC_API_KEY" not in env and env["BTC_MODEL_URI"] == str((tmp_path / "model.pt").resolve())
     assert Path(env["BTC_HOME"]).is_absolute()
+    # the server runs from the project root: what is relative to the caller's folder is made absolute
+    env = serve_environment("m.pt", workers=1, api_key_env="X", config=None,
+                            base={"MLFLOW_TRACKING_URI": "sqlite:///runs/mlflow.db?timeout=5",
+                                  "MLFLOW_REGISTRY_URI": "sqlite:////abs/reg.db", "BTC_PREDICTION_LOG": "preds.sqlite"})
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{Path('runs/mlflow.db').resolve()}?timeout=5"
+    assert env["MLFLOW_REGISTRY_URI"] == "sqlite:////abs/reg.db"
+    assert env["BTC_PREDICTION_LOG"] == str(Path("preds.sqlite").resolve())
     with pytest.raises(ValueError, match="workers=0"):
         serve_environment("m.pt", workers=0, api_key_env="X", config=None)
 
