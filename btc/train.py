@@ -91,20 +91,22 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels for every batch, in order (eval mode, no augmentation)."""
+def predict_logits(model: nn.Module, batches: Batches, device: torch.device, *,
+                   amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every batch, in order (eval mode, no augmentation; float16 on CUDA when ``amp``)."""
     model.eval()
     outs, ys = [], []
     for images, labels in batches:
-        with _autocast(device):
+        with _autocast(device, amp):
             outs.append(model(_to_device(preprocess(images.to(device)), device)).float().cpu())
         ys.append(labels)
     return torch.cat(outs).numpy(), torch.cat(ys).numpy()
 
 
-def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, loss_fn: nn.Module) -> dict[str, float]:
+def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, loss_fn: nn.Module, *,
+                     amp: bool = True) -> dict[str, float]:
     """Validation loss, accuracy and macro-F1."""
-    logits, labels = predict_logits(model, batches, device)
+    logits, labels = predict_logits(model, batches, device, amp=amp)
     # On the model's device: a class-weighted loss keeps its weights there.
     loss = loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device)).item()
     pred = logits.argmax(1)
@@ -209,7 +211,7 @@ def fit(
         tr = train_one_epoch(model, train_batches, optimizer, device, loss_fn=loss_fn, augment=augment,
                              scheduler=scheduler, scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}",
                              amp=amp)
-        va = evaluate_batches(model, val_batches, device, loss_fn)
+        va = evaluate_batches(model, val_batches, device, loss_fn, amp=amp)
         if not math.isfinite(va["loss"]):  # the weights broke (a skipped mixed-precision step alone does not)
             raise ValueError(f"training diverged in epoch {epoch} (train loss {tr['loss']}, validation loss "
                              f"{va['loss']}); lower the learning rate (train.lr) or the weight decay (train.weight_decay)"

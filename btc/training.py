@@ -193,7 +193,7 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
 
     best = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
-    val_logits, val_labels = predict_logits(model, val_batches, device)
+    val_logits, val_labels = predict_logits(model, val_batches, device, amp=False)  # in float32, as it is served
     temperature = fit_temperature(val_logits, val_labels)
     spec = ModelSpec(arch=m.arch, width=m.width, depth=m.depth, dropout=m.dropout, image_size=cfg.data.image_size,
                      temperature=temperature, extra={"best_epoch": int(best["epoch"]), "val_macro_f1": float(best["val_macro_f1"])})

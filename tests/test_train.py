@@ -170,6 +170,21 @@ def _fit(tmp_path, epochs, resume=False, seed=0):
                checkpoint_dir=tmp_path, patience=10, resume=resume, progress=False), model
 
 
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_setting_reaches_validation_as_well_as_training(tmp_path, monkeypatch, amp):
+    """train.amp=false must keep validation (early stopping) in float32 too, not only the training steps."""
+    import btc.train as train_module
+
+    asked, autocast = [], train_module._autocast
+    monkeypatch.setattr(train_module, "_autocast", lambda device, amp=True: asked.append(amp) or autocast(device, amp))
+    x, y = _toy_batches()
+    model = build_model(width=8)
+    fit(model, ArrayBatches(x, y, 16), ArrayBatches(x[:32], y[:32], 32), torch.optim.AdamW(model.parameters()),
+        torch.device("cpu"), epochs=1, loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path,
+        progress=False, amp=amp)
+    assert len(asked) == len(x) // 16 + 1 and set(asked) == {amp}  # every training step and the validation batch
+
+
 def test_cpu_training_is_repeatable(tmp_path):
     h1, _ = _fit(tmp_path / "a", 2)
     h2, _ = _fit(tmp_path / "b", 2)
