@@ -74,6 +74,21 @@ def test_exact_and_near_duplicates_are_handled(tmp_path, synth_root):
     assert split["near_dup_in_train"].sum() >= 1
 
 
+@pytest.mark.parametrize("testing", ["Testing", "testing"])
+def test_of_exact_copies_the_one_in_the_testing_folder_is_kept(tmp_path, synth_root, testing):
+    """The dataset's own test set stays whole, however its folder's name sorts against Training's."""
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    if testing != "Testing":
+        (root / "Testing").rename(root / testing)
+    given = sorted((root / testing / "glioma").iterdir())[0]
+    copy = root / "Training" / "glioma" / "copy_of_a_test_image.jpg"
+    shutil.copy(given, copy)
+    split = split_without_leakage(build_manifest(root, progress=False), seed=0).set_index("path")
+    assert split.loc[str(given), "split"] == "test"
+    assert split.loc[str(copy), "excluded_reason"] == f"exact duplicate of {given}"
+
+
 def test_own_split_when_no_testing_folder(tmp_path, synth_root):
     flat = tmp_path / "flat"
     for d in (synth_root / "Training").iterdir():

@@ -5,7 +5,8 @@ re-encodings). A random split puts near-identical images on both sides and infla
 Here:
 
 1. unreadable files are excluded (and listed in the manifest);
-2. exact duplicates (same sha256) are dropped, keeping the first path; copies filed under
+2. exact duplicates (same sha256) are dropped, keeping the copy in a Testing folder if there is
+   one, else the first path; copies filed under
    different classes are all dropped (``label conflict``): nobody knows which label is right;
 3. images whose 256-bit pHashes differ by at most ``near_duplicate_distance`` bits are
    linked, and connected components become clusters; a whole cluster goes to one split;
@@ -143,7 +144,10 @@ def split_without_leakage(
         df.loc[conflict, "excluded_reason"] = "label conflict: the same image is filed as " + filed_as
     usable &= ~conflict
     _require_images_per_class(df, usable)
-    first_of_sha = df[usable].drop_duplicates("sha256")
+    # the copy in a given Testing folder is kept, so the dataset's own test set stays whole; else the first path
+    candidates = df[usable]
+    first_of_sha = candidates.iloc[np.lexsort((candidates["path"], candidates["source_split"] != "test"))] \
+        .drop_duplicates("sha256")
     dup = usable & ~df.index.isin(first_of_sha.index)
     keeper = df.loc[first_of_sha.index].set_index("sha256")["path"]
     df.loc[dup, "excluded_reason"] = "exact duplicate of " + df.loc[dup, "sha256"].map(keeper)
