@@ -71,6 +71,7 @@ class TrainConfig(_Section):
     intensity_jitter: float = Field(0.15, ge=0, le=1, description="brightness and contrast jitter amplitude")
     gamma_jitter: float = Field(0.2, ge=0, le=1)
     scale_jitter: float = Field(0.08, ge=0, le=0.5)
+    translate: float = Field(0.05, ge=0, le=0.5, description="random shift, as a share of half the image side")
 
 
 class EvalConfig(_Section):

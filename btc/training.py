@@ -66,7 +66,7 @@ def class_weights(labels: np.ndarray) -> np.ndarray:
 def augment_from(cfg: Config) -> Augment:
     t = cfg.train
     return Augment(rotation_degrees=t.rotation_degrees, scale_jitter=t.scale_jitter, hflip=t.hflip,
-                   intensity_jitter=t.intensity_jitter, gamma_jitter=t.gamma_jitter)
+                   intensity_jitter=t.intensity_jitter, gamma_jitter=t.gamma_jitter, translate=t.translate)
 
 
 def min_epochs_of(cfg: Config) -> int:

@@ -133,6 +133,13 @@ def test_preprocess_and_augment_share_the_fixed_part():
     # With the random part switched off (and an identity warp), training input == evaluation input.
     assert torch.allclose(train_transform(x, identity), ev, atol=0.05)
     assert not torch.allclose(train_transform(x, Augment()), ev, atol=0.05)
+    # every random part can be switched off from the config, the shift included
+    from btc.config import load_config
+    from btc.training import augment_from
+
+    off = load_config(None, ["train.rotation_degrees=0", "train.scale_jitter=0", "train.hflip=false",
+                             "train.intensity_jitter=0", "train.gamma_jitter=0", "train.translate=0"])
+    assert augment_from(off) == identity
 
 
 def _toy_batches(n=96, seed=0):
