@@ -117,19 +117,47 @@ def data_split(
     typer.echo(f"test images with a near duplicate in train/val: {int(split['near_dup_in_train'].sum())} -> {out}")
 
 
-def prepare_split(data: Path, cfg):
-    """Manifest + split for a dataset folder or manifest .parquet; a split .parquet as it is."""
+def prepare_split(data: Path, cfg, overrides: list[str]):
+    """Manifest + split (and the config) for a dataset folder or manifest .parquet; a split .parquet as it is."""
     from btc.data.split import split_without_leakage
 
     manifest = _manifest_or_fail(data)
     if "split" in manifest:
-        return manifest
+        return manifest, _with_split_settings(cfg, data, overrides)
     d = cfg.data
     try:
         return split_without_leakage(manifest, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                                     near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+                                     near_duplicate_distance=d.near_duplicate_distance, seed=d.seed), cfg
     except ValueError as err:
         raise fail(str(err)) from None
+
+
+SPLIT_SETTINGS = ("val_fraction", "test_fraction", "near_duplicate_distance", "seed")
+
+
+def _with_split_settings(cfg, split_file: Path, overrides: list[str]):
+    """``cfg`` with the ``data.*`` settings that made ``split_file`` (from the config saved beside it).
+
+    A run records the settings of the split it trained on, not ones that could not change it.
+    """
+    made_with = split_file.with_name(f"{split_file.stem}.config.yaml")  # written by `btc data split`
+    if not made_with.is_file():
+        made_with = split_file.with_name("config.yaml")  # a run folder's split.parquet
+    if not made_with.is_file():
+        typer.echo(f"warning: no config beside {split_file}; the data.* split settings this run records are "
+                   "the config's, which may not be those the split was made with", err=True)
+        return cfg
+    theirs = _config(made_with, []).data
+    changes = {k: getattr(theirs, k) for k in SPLIT_SETTINGS if getattr(cfg.data, k) != getattr(theirs, k)}
+    asked = [k for k in changes if any(o.split("=", 1)[0].strip() == f"data.{k}" for o in overrides)]
+    if asked:
+        made = ", ".join(f"data.{k}={changes[k]}" for k in asked)
+        raise fail(f"{split_file} was made with {made} ({made_with}); a split file cannot be split again with "
+                   f"other settings: run `btc data split` with them, or train on the dataset folder")
+    if changes:
+        typer.echo(f"the split's own settings ({made_with}): "
+                   + ", ".join(f"data.{k}={v}" for k, v in changes.items()))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=changes)})
 
 
 @app.command()
@@ -159,7 +187,7 @@ def train(
                    else f"--resume: no last.pt in {str(out)!r} to continue from")
     cfg = _config(config, overrides, out / "config.yaml" if resume else None)
     run_dir = writable_folder(out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S"), "run folder")
-    split = prepare_split(data, cfg)
+    split, cfg = prepare_split(data, cfg, overrides)
     if track:
         check_tracking()  # fail before training, not after
     try:

@@ -153,3 +153,21 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
 @pytest.mark.parametrize("args", [["--help"], ["data", "--help"]])
 def test_help(args):
     assert invoke(*args).exit_code == 0
+
+
+def test_training_on_a_split_file_records_the_settings_that_made_it(tmp_path, synth_root):
+    split = tmp_path / "s.parquet"
+    res = invoke("data", "split", synth_root, "--out", split, "-s", "data.val_fraction=0.3", "-s", "data.seed=7")
+    assert res.exit_code == 0, res.output
+    tiny = ["--epochs", 1, "-s", "data.image_size=64", "-s", "model.width=8", "--no-track", "--no-evaluate"]
+    res = invoke("train", split, "--out", tmp_path / "run", *tiny)
+    assert res.exit_code == 0, res.output
+    assert f"the split's own settings ({tmp_path / 's.config.yaml'}): data.val_fraction=0.3, data.seed=7" in res.output
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert "val_fraction: 0.3" in recorded and "  seed: 7" in recorded  # data.seed; train.seed stays 0
+    res = invoke("train", split, "--out", tmp_path / "other", *tiny, "-s", "data.seed=3")
+    assert res.exit_code == 2 and "s.parquet was made with data.seed=7" in res.output and "btc data split" in res.output
+    assert not (tmp_path / "other" / "model.pt").exists()
+    (tmp_path / "s.config.yaml").unlink()
+    res = invoke("train", split, "--out", tmp_path / "bare", *tiny)
+    assert res.exit_code == 0 and "warning: no config beside" in res.output, res.output
