@@ -219,11 +219,19 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
     writable_folder(out_dir, "evaluation folder")
     if json_path:
         writable_file(json_path, "--json file")
-    if data is None:
-        data = Path(model).parent / "split.parquet"
-        if not data.is_file():
-            raise fail("no --data given and no split.parquet beside the model; pass --data DIR")
-    table = _manifest_or_fail(data)
+    if data is None and is_mlflow_uri(model):
+        from btc.tracking.model_io import logged_split
+
+        try:
+            table = logged_split(model)  # the split the model's run logged
+        except ValueError as err:
+            raise fail(str(err)) from None
+    else:
+        if data is None:
+            data = Path(model).parent / "split.parquet"
+            if not data.is_file():
+                raise fail("no --data given and no split.parquet beside the model; pass --data DIR")
+        table = _manifest_or_fail(data)
     try:
         rows = rows_to_evaluate(table, split if "split" in table else ("test" if split else None))
     except ValueError as err:

@@ -48,7 +48,10 @@ def pointing_game_on_folder(model: str | Path | Predictor, root: Path, *, max_im
         boxes = boxes[boxes["path"].str.startswith(f"{Path(under).as_posix().rstrip('/')}/")]
     if boxes.empty:
         raise ValueError(f"{str(sidecar)!r} lists no lesion boxes" + (f" under {under!r}" if under else ""))
-    boxes = boxes.groupby("label", sort=True).head(-(-max_images // boxes["label"].nunique())).head(max_images)
+    # round robin over the classes: the first of each class, then the second of each, ... (every class gets its turn)
+    turn = boxes.groupby("label", sort=True).cumcount()
+    boxes = boxes.assign(_turn=turn).sort_values(["_turn", "label"], kind="stable").head(max_images) \
+        .drop(columns="_turn").sort_values(["label", "path"], kind="stable")
     predictor = model if isinstance(model, Predictor) else Predictor.load(model)
     size = predictor.image_size
     arrays, scaled, covered = [], [], []

@@ -43,10 +43,12 @@ def training_curves_plot(history: list[dict], path: Path) -> Path:
     a.plot(epochs, [h["val_loss"] for h in history], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="Loss")
     a.legend()
-    b.plot(epochs, [h["train_accuracy"] for h in history], label="train accuracy")
-    b.plot(epochs, [h["val_accuracy"] for h in history], label="validation accuracy")
-    b.plot(epochs, [h["val_macro_f1"] for h in history], label="validation macro-F1")
-    b.set(xlabel="epoch", ylim=(max(0, min(h["val_accuracy"] for h in history) - 0.05), 1.0), title="Accuracy")
+    series = {"train accuracy": "train_accuracy", "validation accuracy": "val_accuracy",
+              "validation macro-F1": "val_macro_f1"}
+    for label, key in series.items():
+        b.plot(epochs, [h[key] for h in history], label=label)
+    lowest = min(h[key] for h in history for key in series.values())  # every plotted point stays in view
+    b.set(xlabel="epoch", ylim=(max(0, lowest - 0.05), 1.0), title="Accuracy")
     b.legend()
     return _save(fig, path)
 

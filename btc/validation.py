@@ -221,11 +221,15 @@ def leaks_across_splits(splits: pd.Series, phashes: pd.Series, max_distance: int
     return flags
 
 
-def _label_share(labels: pd.Series) -> pd.Series:
-    """Share of each row's class among rows with a known class (NaN for an unknown label)."""
-    known = labels[labels.isin(CLASSES)]
+def _label_share(labels: pd.Series, used: pd.Series) -> pd.Series:
+    """Share of each used row's class among the used rows with a known class (NaN for the rest).
+
+    Used rows are those training would see: readable, and in a split (or, in a manifest, the
+    first of each set of identical files), so copies cannot prop up a class that is short of images.
+    """
+    known = labels[used & labels.isin(CLASSES)]
     shares = known.value_counts(normalize=True)
-    return labels.map(shares).astype(float)
+    return labels.map(shares).where(used).astype(float)
 
 
 def validation_frame(
@@ -246,10 +250,11 @@ def validation_frame(
     df = manifest_or_split.reset_index(drop=True)
     readable = df["readable"].astype(bool)
     splits = df["split"] if "split" in df else df["source_split"].where(readable, "")
+    used = (readable & splits.isin(SPLITS)) if "split" in df else (readable & ~df["sha256"].where(readable).duplicated())
     frame = pd.DataFrame({
         "path": df["path"].astype(str),
         "label": df["label"].astype(str),
-        "label_share": _label_share(df["label"].astype(str)),
+        "label_share": _label_share(df["label"].astype(str), used),
         "source_split": df["source_split"].astype(str),
         "split": splits.astype(str),
         "readable": readable,

@@ -171,3 +171,20 @@ def test_pointing_game_on_synthetic_folder(predictor, synth_root):
     assert occ["accuracy_after"] < occ["accuracy_before"]  # painting the lesion out changes the answers
     few = pointing_game_on_folder(predictor, synth_root, max_images=30)
     assert few["n_images"] == 30 and set(few["per_class"]) == {"glioma", "meningioma", "pituitary"}
+    four = pointing_game_on_folder(predictor, synth_root, max_images=4)  # 2, 1, 1: no class left out
+    assert four["n_images"] == 4 and set(four["per_class"]) == {"glioma", "meningioma", "pituitary"}
+
+
+def test_training_curves_keep_every_point_in_view(tmp_path, monkeypatch):
+    """A weak first epoch (macro-F1 0.10 under accuracy 0.25) is drawn, not cut off by the axis."""
+    from btc import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    history = [{"epoch": 1, "train_loss": 1.4, "val_loss": 1.3, "train_accuracy": 0.3, "val_accuracy": 0.25,
+                "val_macro_f1": 0.10},
+               {"epoch": 2, "train_loss": 1.0, "val_loss": 1.1, "train_accuracy": 0.6, "val_accuracy": 0.55,
+                "val_macro_f1": 0.50}]
+    plots.training_curves_plot(history, tmp_path / "curves.png")
+    low, high = figures[0].axes[1].get_ylim()
+    assert low <= 0.10 and high == 1.0

@@ -234,6 +234,12 @@ def test_promotion_against_champion_and_rollback(reg, tmp_path):
         assert report[key] == pytest.approx(direct[key])
     assert report["confusion_matrix"] == direct["confusion_matrix"]
     assert report["model"] == {"name": name, "version": "2"}
+    # without --data: the test split that the champion's own run logged
+    res = cli("evaluate", "--model", f"models:/{name}@champion", "--json", tmp_path / "own.json",
+              "--out", tmp_path / "ev_own", "-s", "eval.gradcam_per_class=0")
+    assert res.exit_code == 0, res.output
+    run_id = store.client().get_model_version_by_alias(name, "champion").run_id
+    assert json.loads((tmp_path / "own.json").read_text())["n_images"] == len(registry.frozen_eval_rows(store.client(), run_id)[0])
 
     res = cli("registry", "rollback", "--name", name)
     assert res.exit_code == 0 and "champion v2 -> v1" in res.output

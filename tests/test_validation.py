@@ -267,6 +267,22 @@ def test_class_far_below_its_share_fails_class_share_only(dataset_copy, tmp_path
     assert float(report.outcome("class_share_at_least_min").observed) == pytest.approx(2 / 38, abs=1e-3)
 
 
+def test_copies_do_not_make_up_a_class_share(dataset_copy, tmp_path):
+    """Two glioma images copied 15 times each are still two images: the share counts what training would use."""
+    shutil.rmtree(dataset_copy / "Testing" / "glioma")
+    kept = sorted((dataset_copy / "Training" / "glioma").glob("*.jpg"))
+    for path in kept[2:]:
+        path.unlink()
+    for path in kept[:2]:
+        for i in range(15):
+            shutil.copy(path, path.with_name(f"{path.stem} copy {i}.jpg"))
+    manifest = _manifest(dataset_copy)
+    for frame in (manifest, split_without_leakage(manifest)):  # a manifest and a split alike
+        report = _validate(frame, tmp_path)
+        assert "class_share_at_least_min" in report.failures
+        assert float(report.outcome("class_share_at_least_min").observed) == pytest.approx(2 / 38, abs=1e-3)
+
+
 def test_unknown_warn_only_name_is_refused(clean_manifest, tmp_path):
     expected = "unknown expectation 'no_such_check' in warn-only; expected one of labels_known"
     with pytest.raises(ValueError, match=expected):
@@ -311,6 +327,13 @@ def test_cli_refuses_a_missing_reference_file(cli_app, clean_dir, tmp_path):
     result = CliRunner().invoke(cli_app, [str(clean_dir), "--reference", str(tmp_path / "nope.json")])
     assert result.exit_code == 2
     assert "nope.json' does not exist" in result.output
+    # a folder, or a range that is one number, is named too (they were tracebacks)
+    result = CliRunner().invoke(cli_app, [str(clean_dir), "--reference", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot be read (Is a directory)" in result.output, result.output
+    scalar = _reference_with(tmp_path, mean=0.5)
+    result = CliRunner().invoke(cli_app, [str(clean_dir), "--reference", str(scalar)])
+    assert result.exit_code == 2 and "lacks a [min, max] range for mean" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def _reference_with(tmp_path: Path, name: str = "ref.json", **ranges) -> Path:

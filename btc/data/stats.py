@@ -220,10 +220,16 @@ def load_reference(path: Path) -> dict:
         reference = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"reference file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"reference file {str(path)!r} is not valid JSON ({err})") from None
+    except OSError as err:  # a folder, no permission
+        raise ValueError(f"reference file {str(path)!r} cannot be read ({err.strerror or err})") from None
     ranges = reference.get("ranges") if isinstance(reference, dict) else None
-    missing = [c for c in REFERENCE_COLUMNS if not isinstance(ranges, dict) or len(ranges.get(c) or []) != 2]
+
+    def is_range(value) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == 2
+
+    missing = [c for c in REFERENCE_COLUMNS if not isinstance(ranges, dict) or not is_range(ranges.get(c))]
     if missing:
         raise ValueError(
             f"reference file {str(path)!r} lacks a [min, max] range for {', '.join(missing)}; "

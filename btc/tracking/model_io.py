@@ -32,6 +32,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -45,6 +46,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from btc.checkpoint import ModelSpec, save_model
 from btc.evaluate import format_bands
 from btc.predict import InferenceModule, Predictor
+from btc.tables import read_parquet
 from btc.tracking import store
 
 MODEL_ARTIFACT = "model"
@@ -199,6 +201,7 @@ class ResolvedModel:
     location: str
     name: str | None
     version: str
+    run_id: str | None = None  # the run that logged it (where its data/split.parquet is)
 
 
 def logged_model_of_run(mlflow_client: MlflowClient, run_id: str, name: str = MODEL_ARTIFACT) -> LoggedModel:
@@ -230,10 +233,11 @@ def resolve_model_uri(uri: str, mlflow_client: MlflowClient) -> ResolvedModel:
         if uri.startswith("runs:/"):
             run_id, _, path = uri[len("runs:/"):].partition("/")
             logged = logged_model_of_run(mlflow_client, run_id, path.strip("/") or MODEL_ARTIFACT)
-            return ResolvedModel(logged.artifact_location, None, f"run-{run_id[:8]}")
+            return ResolvedModel(logged.artifact_location, None, f"run-{run_id[:8]}", run_id)
         body = uri[len("models:/"):] if uri.startswith("models:/") else ""
         if re.fullmatch(r"m-[0-9a-f]{32}", body):
-            return ResolvedModel(mlflow_client.get_logged_model(body).artifact_location, None, body)
+            logged = mlflow_client.get_logged_model(body)
+            return ResolvedModel(logged.artifact_location, None, body, logged.source_run_id)
         if "@" in body:
             name, alias = body.split("@", 1)
             version = mlflow_client.get_model_version_by_alias(name, alias)
@@ -245,7 +249,7 @@ def resolve_model_uri(uri: str, mlflow_client: MlflowClient) -> ResolvedModel:
                              "models:/NAME/VERSION, models:/<model_id> or runs:/RUN_ID/model")
         location = (mlflow_client.get_logged_model(version.model_id).artifact_location if version.model_id
                     else mlflow_client.get_model_version_download_uri(name, version.version))
-        return ResolvedModel(location, name, str(version.version))
+        return ResolvedModel(location, name, str(version.version), version.run_id)
     except MlflowException as err:
         raise ValueError(f"cannot load model {uri!r}: {err.message}") from None
 
@@ -279,3 +283,35 @@ def load_predictor(uri: str, device: str = "cpu") -> Predictor:
                              "the stored model is corrupted or was altered")
         return Predictor.from_checkpoint(checkpoint, device, version=resolved.version,
                                          name=resolved.name or metadata.get("model_name") or "btc-classifier")
+
+
+def run_split(mlflow_client: MlflowClient, run_id: str) -> pd.DataFrame:
+    """The split (``data/split.parquet``) that run ``run_id`` logged: what it was trained and tested on.
+
+    Raises:
+        ValueError: the run logged no readable split (the message names the run).
+    """
+    with tempfile.TemporaryDirectory(prefix="btc-split-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/split.parquet", dst_path=tmp,
+                                                       tracking_uri=mlflow_client.tracking_uri,
+                                                       registry_uri=store.registry_uri(mlflow_client.tracking_uri))
+            return read_parquet(local)
+        except (MlflowException, OSError, ValueError) as err:
+            message = err.message if isinstance(err, MlflowException) else str(err)
+            raise ValueError(f"run {run_id!r} has no data/split.parquet to evaluate on ({message}); "
+                             "pass --data DIR|split.parquet") from None
+
+
+def logged_split(uri: str) -> pd.DataFrame:
+    """The split logged by the run behind a model URI.
+
+    Raises:
+        TrackingError: the tracking server is unreachable.
+        ValueError: the URI does not resolve, or its run logged no split.
+    """
+    mlflow_client = store.client(must_exist=True)
+    run_id = resolve_model_uri(uri, mlflow_client).run_id
+    if not run_id:
+        raise ValueError(f"model {uri!r} names no run that logged it, so no split; pass --data DIR|split.parquet")
+    return run_split(mlflow_client, run_id)

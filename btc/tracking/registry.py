@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -47,10 +45,9 @@ from btc.config import Config
 from btc.data.cache import decode_rows
 from btc.evaluate import evaluate_predictor, rows_to_evaluate
 from btc.paths import btc_home
-from btc.tables import read_parquet
 from btc.tracking import store
 from btc.tracking.gates import GateResult, behaviour, evaluate_gates, gates_table
-from btc.tracking.model_io import load_predictor, logged_model_of_run
+from btc.tracking.model_io import load_predictor, logged_model_of_run, run_split
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
@@ -205,15 +202,10 @@ def frozen_eval_rows(mlflow_client: MlflowClient, run_id: str) -> tuple[pd.DataF
     Raises:
         RegistryError: the run has no ``data/split.parquet`` or its test rows are unusable.
     """
-    with tempfile.TemporaryDirectory(prefix="btc-split-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/split.parquet", dst_path=tmp,
-                                                       tracking_uri=mlflow_client.tracking_uri,
-                                                       registry_uri=store.registry_uri(mlflow_client.tracking_uri))
-            split = read_parquet(local)
-        except (MlflowException, OSError, ValueError) as err:
-            raise RegistryError(f"run {run_id!r} has no data/split.parquet to evaluate on ({err}); "
-                                "pass --data DIR|split.parquet") from None
+    try:
+        split = run_split(mlflow_client, run_id)
+    except ValueError as err:
+        raise RegistryError(str(err)) from None
     try:
         return rows_to_evaluate(split, "test"), split
     except ValueError as err:
