@@ -50,12 +50,13 @@ def monitor_command(
         "--set", "-s", help="override, e.g. -s monitoring.min_predictions=50")] = None,
 ) -> None:
     """Drift report over a window of the prediction log. Exit 0: no drift, 3: drift, 1: no meaningful report."""
-    from btc.paths import btc_home, monitoring_dir, prediction_log_path, reports_dir
+    from btc.paths import prediction_log_path, reports_dir
     from btc.reference import MonitoringError
-    from monitoring.actions import act_on_drift
     from btc.tracking.store import TrackingError
-    from monitoring.run import (check_log_file, check_options, log_to_mlflow, monitoring_options, run_monitoring,
-                                window_bounds)
+    from monitoring.actions import act_on_drift
+    from monitoring.dashboard import workspace_of
+    from monitoring.run import (check_log_file, check_options, log_to_mlflow, monitoring_options, reference_dir_of,
+                                run_monitoring, window_bounds)
 
     cfg = _load_config(config, set_)
     options = monitoring_options(cfg)
@@ -74,13 +75,13 @@ def monitor_command(
     except ValueError as err:
         raise _error(str(err), 2) from None
     out = writable_folder(out or reports_dir() / "monitoring", "report folder (--out)")
-    workspace = (workspace or cfg.monitoring.workspace or btc_home() / "evidently") if dashboard else None
+    workspace = (workspace or workspace_of(cfg)) if dashboard else None
     if workspace is not None:
         writable_folder(workspace, "Evidently workspace (--workspace)")
-    reference = reference or cfg.monitoring.reference_dir or monitoring_dir() / "reference"
+    reference = reference or reference_dir_of(cfg)
     try:
-        verdict = run_monitoring(log, reference, since=since, until=until, out_dir=out, mlflow=False,
-                                 workspace=workspace, **options)
+        verdict = run_monitoring(log, reference, since=since, until=until, out_dir=out, workspace=workspace,
+                                 **options)
     except MonitoringError as err:
         raise _error(str(err), 1) from None
     except ValueError as err:
@@ -108,16 +109,15 @@ def reference_command(
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s monitoring.pca_components=6")] = None,
 ) -> None:
     """Build the monitoring reference from a model and the validation images (run at promotion)."""
-    from btc.paths import monitoring_dir
     from btc.predict import Predictor
     from btc.reference import build_reference
     from btc.tables import read_parquet
+    from monitoring.run import reference_dir_of
 
     cfg = _load_config(config, set_)
     if not split.is_file():
         raise _error(f"split file {str(split)!r} does not exist; write one with btc data split", 2)
-    out = writable_folder(out or cfg.monitoring.reference_dir or monitoring_dir() / "reference",
-                          "reference folder (--out)")
+    out = writable_folder(out or reference_dir_of(cfg), "reference folder (--out)")
     try:
         rows = read_parquet(split)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError

@@ -111,9 +111,9 @@ class PredictionLog:
             ValueError: a ``ts`` that is not a time.
         """
         now = datetime.now(timezone.utc).isoformat()
-        rows = [(utc_text(r["ts"]) if r.get("ts") is not None else now, r["model_name"], str(r["model_version"]), r["predicted"], float(r["confidence"]),
-                 float(r["prob_entropy"]), json.dumps(r["probabilities"]), json.dumps(r["stats"]),
-                 json.dumps([round(float(v), 5) for v in r["embedding"]]), int(bool(r.get("ood", False))),
+        rows = [(utc_text(r["ts"]) if r.get("ts") is not None else now, r["model_name"], str(r["model_version"]),
+                 r["predicted"], float(r["confidence"]), float(r["prob_entropy"]), json.dumps(r["probabilities"]),
+                 json.dumps(r["stats"]), json.dumps([round(float(v), 5) for v in r["embedding"]]), int(bool(r.get("ood", False))),
                  r.get("image")) for r in records]
         con = self._connect()
         try:

@@ -250,7 +250,8 @@ def validation_frame(
     df = manifest_or_split.reset_index(drop=True)
     readable = df["readable"].astype(bool)
     splits = df["split"] if "split" in df else df["source_split"].where(readable, "")
-    used = (readable & splits.isin(SPLITS)) if "split" in df else (readable & ~df["sha256"].where(readable).duplicated())
+    distinct = ~df["sha256"].where(readable).duplicated()
+    used = readable & (splits.isin(SPLITS) if "split" in df else distinct)
     frame = pd.DataFrame({
         "path": df["path"].astype(str),
         "label": df["label"].astype(str),

@@ -2,8 +2,8 @@
 
 ``monitoring()`` runs :func:`monitoring.run.run_monitoring` (Evidently report, snapshot in
 the dashboard workspace) and :func:`monitoring.actions.act_on_drift`, then logs the verdict
-to the MLflow experiment ``btc-monitoring`` in a task of its own (retried alone). Retraining is the deployment
-``training-pipeline/retrain``, started with ``run_deployment(..., timeout=0)`` (fire and
+to the MLflow experiment ``btc-monitoring`` in a task of its own (retried alone). Retraining is
+the deployment ``training-pipeline/retrain``, started with ``run_deployment(..., timeout=0)`` (fire and
 forget; the deployment's concurrency limit of 1 keeps drift alarms from stacking runs) only
 when this run talks to a real Prefect server (``PREFECT_API_URL`` set) on which that
 deployment exists. In Prefect's ephemeral mode no deployment is served, so the flow says
@@ -74,14 +74,14 @@ def monitoring(window_hours: float | None = None, config_path: str | None = None
     from btc.config import load_config
     from btc.paths import prediction_log_path, reports_dir
     from btc.reference import MonitoringError
-    from monitoring.dashboard import default_workspace
-    from monitoring.run import default_reference_dir
+    from monitoring.dashboard import workspace_of
+    from monitoring.run import reference_dir_of
 
     logger = get_run_logger()
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     log_file = Path(log_path) if log_path else prediction_log_path()
-    reference = Path(reference_dir or cfg.monitoring.reference_dir or default_reference_dir())
-    workspace = Path(cfg.monitoring.workspace or default_workspace())
+    reference = Path(reference_dir) if reference_dir else reference_dir_of(cfg)
+    workspace = workspace_of(cfg)
     try:
         # Reports go where `btc monitor` writes them too.
         verdict = tasks.drift_report(log_file, reference, cfg, window_hours or cfg.monitoring.window_hours,

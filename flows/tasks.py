@@ -126,7 +126,7 @@ def drift_report(log_path: Path, reference_dir: Path, cfg: Config, window_hours:
 
     m = cfg.monitoring
     return run_monitoring(log_path, reference_dir, window_hours=window_hours, min_predictions=m.min_predictions,
-                          threshold=m.drift_share_threshold, out_dir=out_dir, mlflow=False, workspace=workspace)
+                          threshold=m.drift_share_threshold, out_dir=out_dir, workspace=workspace)
 
 
 @task(name="log-drift-to-mlflow", **PLAIN, **IO)

@@ -82,7 +82,7 @@ def _validated_split(data_dir: str, cfg, run_dir: Path):
 def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str, object, dict]:
     """Steps 5-7: challenger, gates and, if promoted, the service record and the monitoring reference."""
     from btc.evaluate import rows_to_evaluate
-    from monitoring.run import default_reference_dir
+    from monitoring.run import reference_dir_of
 
     name, paths = cfg.registry.model_name, {}
     with step("register-challenger"):
@@ -98,7 +98,7 @@ def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str,
         with step("monitoring-reference"):
             champion = tasks.load_model(f"models:/{name}/{version}")
             paths["monitoring_reference"] = str(tasks.build_monitoring_reference(
-                champion, rows_to_evaluate(split, "val"), cfg.monitoring.reference_dir or default_reference_dir(),
+                champion, rows_to_evaluate(split, "val"), reference_dir_of(cfg),
                 f"validation split of MLflow run {run_id}", cfg.monitoring.pca_components))
     return version, promotion, paths
 

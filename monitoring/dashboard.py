@@ -22,6 +22,11 @@ def default_workspace() -> Path:
     return btc_home() / "evidently"
 
 
+def workspace_of(cfg) -> Path:
+    """The dashboard workspace of a :class:`btc.config.Config`: ``monitoring.workspace``, else the default."""
+    return Path(cfg.monitoring.workspace or default_workspace())
+
+
 def _panels():
     from evidently.sdk.models import PanelMetric
     from evidently.sdk.panels import bar_plot_panel, counter_panel, line_plot_panel

@@ -29,6 +29,11 @@ def default_reference_dir() -> Path:
     return monitoring_dir() / "reference"
 
 
+def reference_dir_of(cfg) -> Path:
+    """The reference folder of a :class:`btc.config.Config`: ``monitoring.reference_dir``, else the default."""
+    return Path(cfg.monitoring.reference_dir or default_reference_dir())
+
+
 def window_bounds(window_hours: float, since: datetime | None = None, until: datetime | None = None,
                   now: datetime | None = None) -> tuple[datetime, datetime]:
     """``[since, until)`` in UTC: ``until`` defaults to now, ``since`` to ``until - window_hours``.
@@ -157,7 +162,7 @@ def log_to_mlflow(verdict: DriftVerdict, *, experiment: str = EXPERIMENT) -> str
 
 def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_hours: float = 24.0,
                    since: datetime | None = None, until: datetime | None = None, min_predictions: int = 30,
-                   threshold: float = 0.3, out_dir: str | Path, mlflow: bool = False,
+                   threshold: float = 0.3, out_dir: str | Path,
                    workspace: str | Path | None = None) -> DriftVerdict:
     """Drift report for one window of the prediction log.
 
@@ -170,13 +175,11 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
         min_predictions: fewest predictions a report is made from.
         threshold: drifted-column share at or above which the window is drifted.
         out_dir: where ``drift-<since>-<until>.html``, ``.json`` (snapshot) and ``.verdict.json`` go.
-        mlflow: also log metrics and the report to the MLflow experiment ``btc-monitoring``.
         workspace: an Evidently workspace folder to add the snapshot to (the dashboard); None skips it.
 
     Raises:
         MonitoringError: missing or unreadable reference, absent or empty log, too few predictions in the window.
         ValueError: an invalid option (checked before any file is read), or ``log_path`` is not a prediction log.
-        TrackingError: with ``mlflow``, the verdict could not be logged (its files are written by then).
     """
     check_options(window_hours=window_hours, min_predictions=min_predictions, threshold=threshold)
     since, until = window_bounds(window_hours, since, until)
@@ -196,8 +199,6 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
         from monitoring.dashboard import add_snapshot
 
         add_snapshot(workspace, verdict.snapshot)
-    if mlflow:
-        log_to_mlflow(verdict)
     log.info("%s", verdict.summary())
     return verdict
 

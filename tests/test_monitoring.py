@@ -31,7 +31,7 @@ from btc.reference import (REFERENCE_FORMAT, MonitoringError, build_reference, f
 from monitoring.actions import RETRAIN_DEPLOYMENT, act_on_drift
 from monitoring.dashboard import PROJECT, ensure_project, snapshot_points
 from monitoring.drift import drift_report
-from monitoring.run import run_monitoring
+from monitoring.run import log_to_mlflow, run_monitoring
 
 DAY1 = datetime(2025, 3, 1, tzinfo=timezone.utc)
 DAY2 = DAY1 + timedelta(days=1)
@@ -85,10 +85,12 @@ def monitored(predictor, grays, traffic, reference_dir, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
         mp.setenv("BTC_HOME", str(root / "btc_home"))
-        kw = dict(window_hours=24, min_predictions=30, threshold=0.3, out_dir=root / "reports", mlflow=True,
+        kw = dict(window_hours=24, min_predictions=30, threshold=0.3, out_dir=root / "reports",
                   workspace=root / "evidently")
         day1 = run_monitoring(log.path, reference_dir, until=DAY2, **kw)
         day2 = run_monitoring(log.path, reference_dir, until=DAY2 + timedelta(days=1), **kw)
+        for verdict in (day1, day2):
+            log_to_mlflow(verdict)
     return {"root": root, "log": log.path, "day1": day1, "day2": day2, "inverted": inverted,
             "reference_dir": reference_dir}
 
