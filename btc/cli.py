@@ -175,24 +175,31 @@ def train(
     track: Annotated[bool, typer.Option("--track/--no-track", help="log the run and model to MLflow")] = True,
 ):
     """Train a CNN on the train split, early-stopping on validation macro-F1."""
-    from btc.training import train_model
+    from btc.training import cache_dir_of, check_new_run_folder, train_model
 
     overrides = list(set_ or [])
     overrides += [f"model.arch={arch}"] if arch else []
     overrides += [f"train.epochs={epochs}"] if epochs is not None else []
     overrides += ["model.pretrained=true"] if pretrained else []
-    overrides += [f"model.init_weights={init_weights}"] if init_weights else []
+    # quoted: a path is text, even one YAML would read otherwise ("w #1.pt", "[init] w.pt")
+    overrides += [f"model.init_weights={json.dumps(str(init_weights))}"] if init_weights else []
     if resume and (out is None or not (out / "last.pt").is_file()):
         raise fail("--resume continues a run from its last.pt; pass --out RUN_DIR of that run" if out is None
                    else f"--resume: no last.pt in {str(out)!r} to continue from")
     cfg = _config(config, overrides, out / "config.yaml" if resume else None)
     run_dir = writable_folder(out or cfg.output_dir / time.strftime("%Y%m%d-%H%M%S"), "run folder")
+    if not resume:
+        try:
+            check_new_run_folder(run_dir)
+        except ValueError as err:
+            raise fail(str(err)) from None
+    writable_folder(cache_dir_of(cfg), "cache folder (data.cache_dir)")
     split, cfg = prepare_split(data, cfg, overrides)
     if track:
         check_tracking()  # fail before training, not after
     try:
         result = train_model(cfg, split, run_dir, resume=resume)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, OSError) as err:  # OSError: a disk that filled or a folder that went
         raise fail(str(err)) from None
     best = max(result.history, key=lambda h: h["val_macro_f1"])
     typer.echo(f"trained on {result.device} in {result.seconds:.0f}s; best epoch {best['epoch']} "

@@ -134,14 +134,43 @@ def cache_dir_of(cfg: Config) -> Path:
     return cfg.data.cache_dir or cfg.output_dir / "cache"
 
 
-def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
+def split_rows(split: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The ``name`` rows of ``split`` in path order; refuses too few to train on."""
     rows = split[split["split"] == name].sort_values("path")
     if rows.empty:
         raise ValueError(f"the split has no {name!r} images; cannot train without train and val images")
     if name == "train" and len(rows) < 2:
         raise ValueError("the split has 1 'train' image; training needs at least 2 (batch normalisation learns "
                          "from each batch's spread)")
+    return rows
+
+
+def split_arrays(split: pd.DataFrame, name: str, cfg: Config, cache_dir: Path, progress: bool):
+    rows = split_rows(split, name)
     return cached_images(rows, cfg.data.image_size, cache_dir, progress=progress), labels_of(rows)
+
+
+RUN_FILES = ("last.pt", "model.pt")
+
+
+def check_new_run_folder(out_dir: Path) -> None:
+    """Refuse to start a new run in a folder that holds a run: it would overwrite that run's config,
+    split and checkpoints, and a half-trained one could no longer be resumed."""
+    held = [f for f in RUN_FILES if (out_dir / f).is_file()]
+    if held:
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}); a new run would overwrite it. "
+                         "Train into a new folder, or continue that run with resume (--resume)")
+
+
+def usable_folder(folder: Path, what: str) -> Path:
+    """``folder``, created if missing; a path that cannot be a folder is named in a ValueError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot use {folder} as the {what}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot use {folder} as the {what}: not writable")
+    return folder
 
 
 def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -157,17 +186,23 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     start = time.perf_counter()
     out_dir = Path(out_dir)
     resuming = resume and (out_dir / "last.pt").is_file()
-    if resuming:  # before this run's config replaces the saved one
+    # Everything that can refuse the run is checked before this run's config and split replace the
+    # folder's own: a refused run leaves an earlier run in the folder as it was, resumable.
+    if resuming:
         check_resumable(out_dir / "last.pt", cfg.train.epochs)
         check_same_run(out_dir, cfg, split)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        check_new_run_folder(out_dir)
+    device = resolve_device(cfg.train.device)
+    for name in ("train", "val"):
+        split_rows(split, name)
+    cache_dir = usable_folder(cache_dir_of(cfg), "cache folder (data.cache_dir)")
+    usable_folder(out_dir, "run folder")
     cfg.save(out_dir / "config.yaml")
     split.to_parquet(out_dir / "split.parquet", index=False)
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cpu_threads(cfg.train.threads))
-    device = resolve_device(cfg.train.device)
-    cache_dir = cache_dir_of(cfg)
 
     x_train, y_train = split_arrays(split, "train", cfg, cache_dir, progress)
     x_val, y_val = split_arrays(split, "val", cfg, cache_dir, progress)

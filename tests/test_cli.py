@@ -150,6 +150,22 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     assert res.exit_code == 0 and '"pointing_game"' in res.output
 
 
+def test_train_refuses_a_used_run_folder_and_an_unusable_cache_and_keeps_weight_paths_whole(tmp_path, synth_root):
+    tiny = ["--epochs", 1, "-s", "data.image_size=64", "-s", "model.width=8", "--no-track", "--no-evaluate"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"a half-trained run")
+    res = invoke("train", synth_root, "--out", tmp_path / "run", *tiny)
+    assert res.exit_code == 2 and "already holds a run (last.pt)" in res.output and "--resume" in res.output
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    (tmp_path / "file").write_text("x")
+    res = invoke("train", synth_root, "--out", tmp_path / "new", *tiny, "-s", f"data.cache_dir={tmp_path / 'file' / 'c'}")
+    assert res.exit_code == 2 and f"cache folder (data.cache_dir) {str(tmp_path / 'file' / 'c')!r} cannot be made" in res.output
+    for name in ("w #1.pt", "[init] w.pt", "no"):  # YAML would cut, refuse or turn these into something else
+        res = invoke("train", synth_root, "--out", tmp_path / "new", *tiny, "--arch", "resnet18",
+                     "--init-weights", tmp_path / name)
+        assert res.exit_code == 2 and str(tmp_path / name) in res.output and "does not exist" in res.output, res.output
+
+
 @pytest.mark.parametrize("args", [["--help"], ["data", "--help"]])
 def test_help(args):
     assert invoke(*args).exit_code == 0

@@ -355,6 +355,34 @@ def test_resume_refuses_other_settings_and_keeps_the_run_as_it_was(trained_run, 
         train_model(tiny_config, synth_split, run, resume=True, progress=False)
 
 
+def test_a_run_that_is_refused_leaves_the_run_in_its_folder_as_it_was(trained_run, tiny_config, synth_split,
+                                                                       tmp_path):
+    """A new run into a folder holding a run, or one whose cache folder cannot be made, writes nothing."""
+    from btc.training import train_model
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.out_dir, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    other = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"width": 16})})
+    with pytest.raises(ValueError, match=f"{run} already holds a run \\(last.pt, model.pt\\); a new run would "
+                                         "overwrite it. Train into a new folder, or continue that run with resume"):
+        train_model(other, synth_split, run, progress=False)
+    (tmp_path / "file").write_text("x")
+    blocked = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(
+        update={"cache_dir": tmp_path / "file" / "cache"})})
+    with pytest.raises(ValueError, match=f"cannot use {tmp_path / 'file' / 'cache'} as the cache folder"):
+        train_model(blocked, synth_split, run, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    (run / "last.pt").unlink()
+    (run / "model.pt").unlink()  # no run left: a new one may use the folder
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="cannot use .* as the cache folder"):
+        train_model(blocked, synth_split, fresh, progress=False)
+    with pytest.raises(ValueError, match="the split has no 'val' images"):
+        train_model(tiny_config, synth_split[synth_split["split"] != "val"], fresh, progress=False)
+    assert not fresh.exists()
+
+
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     x, y = _toy_batches()
     model = build_model(width=8)
