@@ -70,11 +70,16 @@ def evaluate_predictor(predictor: Predictor, rows: pd.DataFrame, *, n_bins: int 
     report["temperature"] = t
     report["model"] = {"name": predictor.name, "version": predictor.version}
     if "near_dup_in_train" in rows:
-        clean = ~rows["near_dup_in_train"].to_numpy(bool)
+        near = rows["near_dup_in_train"].to_numpy(bool)
+        # A split's own train and val images (evaluated with split "train", "val" or all) are what the
+        # model learnt from or was chosen on: never clean, though no flag marks them.
+        trained_on = rows["split"].isin(["train", "val"]).to_numpy() if "split" in rows else np.zeros(len(rows), bool)
+        clean = ~near & ~trained_on
         report["clean"] = _metrics(probs_raw[clean], y[clean], t, n_bins) if clean.any() else None
-        report["n_near_duplicates_of_train"] = int((~clean).sum())
+        report["n_near_duplicates_of_train"] = int((near & ~trained_on).sum())
+        report["n_train_val_images"] = int(trained_on.sum())
     else:  # a folder or manifest: nothing says which images resemble the model's training data
-        report["clean"] = report["n_near_duplicates_of_train"] = None
+        report["clean"] = report["n_near_duplicates_of_train"] = report["n_train_val_images"] = None
     if "train_distance" in rows:
         correct = probs_raw.argmax(1) == y
         report["by_train_distance"] = accuracy_by_band(rows["train_distance"], correct)
@@ -113,12 +118,13 @@ def summary_lines(report: dict) -> list[str]:
     """A few lines a person reads in a terminal."""
     lines = [f"images {report['n_images']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
              f"ECE {report['ece_before_temperature']:.4f} -> {report['ece']:.4f} (T={report['temperature']:.3f})"]
-    if report.get("clean") and report["n_near_duplicates_of_train"]:
+    not_clean = (report.get("n_near_duplicates_of_train") or 0) + (report.get("n_train_val_images") or 0)
+    if report.get("clean") and not_clean:
         c = report["clean"]
         lines.append(f"clean subset {c['n_images']}  accuracy {c['accuracy']:.4f}  macro-F1 {c['macro_f1']:.4f}  ECE {c['ece']:.4f}")
-    elif report.get("n_near_duplicates_of_train"):  # every image has a near copy in training
-        lines.append(f"clean subset empty: all {report['n_images']} images are near duplicates of the model's "
-                     "training or validation images")
+    elif not_clean:  # every image is a training or validation image or has a near copy among them
+        lines.append(f"clean subset empty: all {report['n_images']} images are the model's training or validation "
+                     "images or near duplicates of them")
     elif report.get("n_near_duplicates_of_train") is None:
         lines.append("clean subset unknown: these images carry no near-duplicate flags against the model's training "
                      "data (evaluate the run's split.parquet, or pass --against SPLIT for a folder)")

@@ -116,7 +116,18 @@ def test_an_empty_clean_subset_is_said(predictor, synth_split):
     rows["near_dup_in_train"] = True
     report = evaluate_predictor(predictor, rows)
     assert report["clean"] is None and report["n_near_duplicates_of_train"] == len(rows)
-    assert f"clean subset empty: all {len(rows)} images are near duplicates" in "\n".join(summary_lines(report))
+    assert f"clean subset empty: all {len(rows)} images are the model's training or validation images or near " \
+        "duplicates of them" in "\n".join(summary_lines(report))
+
+
+def test_train_and_val_images_of_a_split_are_never_clean(predictor, synth_split):
+    everything = rows_to_evaluate(synth_split, None)
+    report = evaluate_predictor(predictor, everything)
+    n_test = int((everything["split"] == "test").sum())
+    clean_test = int((~everything.loc[everything["split"] == "test", "near_dup_in_train"]).sum())
+    assert report["clean"]["n_images"] == clean_test and report["n_train_val_images"] == len(everything) - n_test
+    train = evaluate_predictor(predictor, rows_to_evaluate(synth_split, "train"))
+    assert train["clean"] is None and "clean subset empty" in "\n".join(summary_lines(train))
 
 
 def test_accuracy_by_distance_to_training(predictor, synth_split):
