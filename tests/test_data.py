@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +194,46 @@ def test_links_and_hidden_folders_inside_a_class(tmp_path):
     assert sorted(m.index) == [str(root / "a.jpg"), str(root / "broken.jpg"), str(root / "linked" / "x.jpg")]
     assert m.loc[str(root / "broken.jpg"), "error"] == "cannot read file: No such file or directory"
     assert m.loc[str(root / "linked" / "x.jpg"), "readable"]
+
+
+def test_a_macos_archive_folder_is_ignored_in_the_flat_layout_too(tmp_path, caplog):
+    _write(tmp_path / "glioma" / "a.jpg")
+    _write(tmp_path / "__MACOSX" / "glioma" / "._a.jpg")
+    with caplog.at_level("WARNING", logger="btc.data.discover"):
+        found = find_images(tmp_path)
+    assert [f.path.name for f in found] == ["a.jpg"]
+    assert caplog.messages == [f"ignored {tmp_path / '__MACOSX'}: macOS archive metadata, not a class folder"]
+
+
+def test_a_file_name_that_is_not_utf8_is_named_before_anything_is_decoded(tmp_path):
+    _write(tmp_path / "glioma" / "a.jpg")
+    bad = os.fsencode(tmp_path / "glioma") + b"/scan\xff.jpg"
+    Image.new("L", (40, 30)).save(os.fsdecode(bad), "JPEG")
+    with pytest.raises(DatasetLayoutError, match=r"1 file name\(s\) are not valid UTF-8 and cannot be recorded in "
+                                                 r"the manifest: '.*/glioma/scan\\xff.jpg'; rename them"):
+        build_manifest(tmp_path, progress=False)
+
+
+# Permissions bind everyone but root: as root, the check runs in a child process as the user nobody.
+UNPRIVILEGED = [] if os.geteuid() != 0 else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.skipif(bool(UNPRIVILEGED) and shutil.which("setpriv") is None, reason="root without setpriv")
+@pytest.mark.parametrize("locked", ["Training/glioma/sub", "Training/glioma", "Testing"])
+def test_a_folder_that_cannot_be_read_is_named_not_dropped(locked):
+    with tempfile.TemporaryDirectory() as tmp:  # not under pytest's tmp_path: that is private to its owner
+        root = Path(tmp)
+        for rel in ("Training/glioma/a.jpg", "Training/glioma/sub/b.jpg", "Testing/glioma/c.jpg"):
+            _write(root / rel)
+        for folder in [root, *root.rglob("*")]:
+            folder.chmod(0o755)
+        (root / locked).chmod(0)
+        script = f"from btc.data.discover import find_images; find_images({tmp!r})"
+        res = subprocess.run([*UNPRIVILEGED, sys.executable, "-c", script], capture_output=True, text=True,
+                             cwd=Path(__file__).parents[1])
+        (root / locked).chmod(0o755)
+    assert res.returncode == 1 and f"DatasetLayoutError: cannot read folder {str(root / locked)!r}: Permission " \
+        "denied; its files would be missing from the dataset" in res.stderr, res.stderr
 
 
 def test_testing_folder_without_training_is_refused(tmp_path):

@@ -9,7 +9,8 @@ Layouts understood:
 
 Anything else in the folder (a ``Validation/`` folder beside ``Training/``, loose files, a
 ``__MACOSX/`` folder) is not read, and each such entry is logged as a warning that names it,
-so nothing leaves the counts unannounced. Paths are absolute, so a manifest can be used
+so nothing leaves the counts unannounced. A folder that cannot be read, or a file name that
+is not UTF-8 (the manifest could not record it), stops the scan with a message naming it. Paths are absolute, so a manifest can be used
 from any working folder.
 """
 
@@ -46,10 +47,31 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
+def _unreadable_folder(err: OSError) -> DatasetLayoutError:
+    return DatasetLayoutError(f"cannot read folder {err.filename!r}: {err.strerror or err}; its files would be "
+                              "missing from the dataset (fix its permissions, or move it out of the data folder)")
+
+
 def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
     """The visible sub-folders and the other visible entries (files, broken links) of ``folder``."""
-    entries = sorted(p for p in folder.iterdir() if _visible(p))
+    try:
+        entries = sorted(p for p in folder.iterdir() if _visible(p))
+    except OSError as err:
+        raise _unreadable_folder(err) from None
     return [p for p in entries if p.is_dir()], [p for p in entries if not p.is_dir()]
+
+
+def _raise(err: OSError) -> None:
+    raise _unreadable_folder(err)
+
+
+def _recordable(path: Path) -> bool:
+    """Whether the name can be written to the manifest (Parquet text is UTF-8)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _files_of_class(class_dir: Path, source_split: str) -> list[FoundImage]:
@@ -59,7 +81,7 @@ def _files_of_class(class_dir: Path, source_split: str) -> list[FoundImage]:
         raise DatasetLayoutError(f"{err} (folder {str(class_dir)!r})") from None
     files: list[Path] = []
     seen: set[str] = set()
-    for here, dirs, names in os.walk(class_dir, followlinks=True):
+    for here, dirs, names in os.walk(class_dir, followlinks=True, onerror=_raise):
         real = os.path.realpath(here)
         if real in seen:  # a link back up the tree: read each folder once
             dirs.clear()
@@ -109,10 +131,18 @@ def find_images(root: Path) -> list[FoundImage]:
                 found += _files_of_class(class_dir, SPLIT_FOLDERS[split_dir.name.lower()])
     else:
         _ignore(loose, "a file beside the class folders, not inside one")
+        _ignore([d for d in top if d.name == "__MACOSX"], "macOS archive metadata, not a class folder")
         for class_dir in top:
-            found += _files_of_class(class_dir, "")
+            if class_dir.name != "__MACOSX":
+                found += _files_of_class(class_dir, "")
     if not found:
         raise DatasetLayoutError(
             f"no class folders in {str(root)!r}; expected Training/<class>/ and Testing/<class>/, or <class>/ folders"
         )
+    unnamed = [f.path for f in found if not _recordable(f.path)]
+    if unnamed:
+        shown = ", ".join(repr(os.fsencode(p))[1:] for p in unnamed[:5])
+        raise DatasetLayoutError(
+            f"{len(unnamed)} file name(s) are not valid UTF-8 and cannot be recorded in the manifest: {shown}"
+            + (f" and {len(unnamed) - 5} more" if len(unnamed) > 5 else "") + "; rename them (e.g. with convmv)")
     return found
