@@ -74,13 +74,23 @@ class PredictionLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._ready = False
+        self._ready_for: tuple[int, int] | None = None  # the file (device, inode) whose table is known to exist
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _connect(self) -> sqlite3.Connection:
-        if not self._ready:
+        # Checked again whenever the file is not the one last set up: a log moved away (rotated,
+        # archived) or deleted is started afresh instead of failing every append with "no such table".
+        ready = self._ready_for is not None and self._file_identity() == self._ready_for
+        if not ready:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.path, timeout=30)
-        if not self._ready:
+        if not ready:
             try:
                 tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if tables - {"sqlite_sequence"} and "predictions" not in tables:  # another program's database
@@ -94,7 +104,7 @@ class PredictionLog:
                 if _not_a_log(err):
                     raise self._error(err) from None
                 raise
-            self._ready = True
+            self._ready_for = self._file_identity()
         return con
 
     def _error(self, err: Exception) -> ValueError:

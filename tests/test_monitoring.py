@@ -9,6 +9,7 @@ are "the service's traffic".
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import socket
 import sqlite3
@@ -116,6 +117,19 @@ def test_log_records_have_the_service_record_shape(predictor, grays, tmp_path):
     assert image_statistics(images[0]) == records[0]["stats"] and back["width"][0] == 96
     with pytest.raises(ValueError, match="6 images but 2 timestamps"):
         log_records(predictor, images, ts=[DAY1, DAY2])
+
+
+def test_a_log_moved_away_while_in_use_is_started_afresh(predictor, grays, tmp_path):
+    """Rotation or archiving of a live log: the next append makes a new log, none is dropped."""
+    records = log_records(predictor, grays[:3], ts=DAY1)
+    log = PredictionLog(tmp_path / "logs" / "log.sqlite")
+    log.append(records[:1])
+    log.path.rename(tmp_path / "archived.sqlite")
+    log.append(records[1:2])
+    assert log.count() == 1 and PredictionLog(tmp_path / "archived.sqlite").count() == 1
+    shutil.rmtree(tmp_path / "logs")
+    log.append(records[2:])
+    assert log.count() == 1 and list(log.read()["predicted"]) == [records[2]["predicted"]]
 
 
 def test_a_reference_mixed_from_two_builds_is_refused(predictor, grays, reference_dir, tmp_path):
