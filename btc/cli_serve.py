@@ -55,7 +55,7 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
         base: the environment to start from (default this process's).
 
     Raises:
-        ValueError: ``workers`` below 1, or ``config`` is not a file.
+        ValueError: ``workers`` below 1, or the config (``config`` or ``$BTC_CONFIG``) is missing or invalid.
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: expected 1 or more")
@@ -79,6 +79,15 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
             env[name] = env[name].replace(f"sqlite:///{db}", f"sqlite:///{db.resolve()}", 1)
     if config is not None:
         env["BTC_CONFIG"] = str(Path(config).resolve())
+    elif env.get("BTC_CONFIG"):  # from the caller's environment: relative to the caller's folder too
+        env["BTC_CONFIG"] = str(Path(env["BTC_CONFIG"]).resolve())
+    from btc.serving_logic import settings_from_env
+
+    try:
+        settings_from_env(env)  # as the service will read it: a bad config is said now, not by a dying server
+    except ValueError as err:
+        source = "--config" if config is not None else "$BTC_CONFIG"
+        raise ValueError(f"{source}: {err}") from None
     key = env.get(api_key_env)
     if key:
         env["BTC_API_KEY"] = key

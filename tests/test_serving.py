@@ -257,6 +257,19 @@ def test_serve_environment_passes_model_key_and_workers(tmp_path):
         serve_environment("m.pt", workers=0, api_key_env="X", config=None)
 
 
+def test_serve_environment_checks_the_config_from_the_environment_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("serving.yaml").write_text("serving:\n  max_batch_images: 4\n")
+    env = serve_environment("m.pt", workers=1, api_key_env="X", config=None, base={"BTC_CONFIG": "serving.yaml"})
+    assert env["BTC_CONFIG"] == str(tmp_path / "serving.yaml")  # the server runs from the project root
+    with pytest.raises(ValueError, match="\\$BTC_CONFIG: config file '.*/nope.yaml' does not exist"):
+        serve_environment("m.pt", workers=1, api_key_env="X", config=None, base={"BTC_CONFIG": "nope.yaml"})
+    Path("bad.yaml").write_text("serving:\n  max_batch_images: 0\n")
+    for config, base in ((Path("bad.yaml"), {}), (None, {"BTC_CONFIG": "bad.yaml"})):
+        with pytest.raises(ValueError, match="invalid config: serving.max_batch_images"):
+            serve_environment("m.pt", workers=1, api_key_env="X", config=config, base=base)
+
+
 # --- the real service --------------------------------------------------------------------------
 
 def _free_port() -> int:
