@@ -58,6 +58,15 @@ def track_training_run(cfg, result, split, report: dict | None, evaluation_dir: 
     return run_id
 
 
+def _model_name(name: str | None, cfg=None, config: Path | None = None, set_: list[str] | None = None) -> str:
+    """``--name`` as given (a blank one refused), else the config's ``registry.model_name``."""
+    if name is None:
+        return (cfg or _config(config, set_)).registry.model_name
+    if not name.strip():
+        raise _fail("--name is blank; give a registered model name, or leave --name out for registry.model_name")
+    return name
+
+
 def eval_rows_from(data: Path):
     """Rows of the frozen evaluation set: a split/manifest .parquet's test rows, or a dataset folder's Testing images."""
     from btc.data.manifest import build_manifest, load_manifest
@@ -82,7 +91,7 @@ def register_cmd(
     """Add a run's model as a new version and point the `challenger` alias at it."""
     from btc.tracking.registry import register
 
-    name = name or _config(config, set_).registry.model_name
+    name = _model_name(name, config=config, set_=set_)
     try:
         version = register(run_id, name)
     except _errors() as err:
@@ -105,7 +114,7 @@ def promote_cmd(
     from btc.tracking.registry import promote
 
     cfg = _config(config, set_)
-    name = name or cfg.registry.model_name
+    name = _model_name(name, cfg)
     rows = eval_rows_from(data) if data is not None else None
     try:
         result = promote(name, cfg, rows, eval_source=f"--data {data}" if data is not None else None)
@@ -121,7 +130,7 @@ def rollback_cmd(name: NameOpt = None, config: ConfigOpt = None, set_: SetOpt = 
     """Move `champion` back to the previous champion."""
     from btc.tracking.registry import rollback
 
-    name = name or _config(config, set_).registry.model_name
+    name = _model_name(name, config=config, set_=set_)
     try:
         old, new = rollback(name)
     except _errors() as err:
@@ -134,7 +143,7 @@ def list_cmd(name: NameOpt = None, config: ConfigOpt = None, set_: SetOpt = None
     """Versions with their aliases, run, key test metrics and last promotion decision."""
     from btc.tracking.registry import list_versions
 
-    name = name or _config(config, set_).registry.model_name
+    name = _model_name(name, config=config, set_=set_)
     try:
         rows = list_versions(name)
     except _errors() as err:

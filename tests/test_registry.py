@@ -321,6 +321,9 @@ def test_bad_inputs_have_clear_messages_and_change_nothing(reg):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = cli("evaluate", "--model", "models:/nope@champion", "--data", reg.split_file)
     assert res.exit_code == 2 and "cannot load model 'models:/nope@champion'" in res.output
+    for args in (("register", reg.bare), ("promote",), ("rollback",), ("list",)):  # not the default model
+        res = cli("registry", *args, "--name", " ")
+        assert res.exit_code == 2 and "--name is blank" in res.output, args
 
     assert sorted(m.name for m in store.client().search_registered_models()) == before
     assert store.client().get_registered_model("empty").aliases == {}
