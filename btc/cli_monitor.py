@@ -102,27 +102,40 @@ def monitor_command(
 
 def reference_command(
     model: Annotated[str, typer.Argument(help="model.pt path or MLflow URI (models:/btc-classifier@champion)")],
-    split: Annotated[Path, typer.Option(help="split Parquet (path, label, split); its validation rows are used")],
+    split: Annotated[Optional[Path], typer.Option(
+        help="split Parquet (path, label, split); its validation rows are used; default the split the model's "
+             "MLflow run logged, or the split.parquet beside a model.pt")] = None,
     out: Annotated[Optional[Path], typer.Option(help="reference folder; default $BTC_HOME/monitoring/reference")] = None,
     split_name: Annotated[str, typer.Option("--split-name", help="which split's rows to use")] = "val",
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. -s monitoring.pca_components=6")] = None,
 ) -> None:
     """Build the monitoring reference from a model and the validation images (run at promotion)."""
-    from btc.predict import Predictor
+    from btc.predict import Predictor, is_mlflow_uri
     from btc.reference import build_reference
     from btc.tables import read_parquet
+    from btc.tracking.model_io import logged_split
+    from btc.tracking.store import TrackingError
     from monitoring.run import reference_dir_of
 
     cfg = _load_config(config, set_)
-    if not split.is_file():
+    if split is None and not is_mlflow_uri(model):
+        split = Path(model).parent / "split.parquet"
+        if not split.is_file():
+            raise _error(f"no --split given and no split.parquet beside {model!r}; pass --split SPLIT.parquet", 2)
+    if split is not None and not split.is_file():
         raise _error(f"split file {str(split)!r} does not exist; write one with btc data split", 2)
     out = writable_folder(out or reference_dir_of(cfg), "reference folder (--out)")
     try:
-        rows = read_parquet(split)
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise _error(f"split file {str(split)!r} cannot be read as Parquet ({err}); "
-                     "write one with btc data split", 2) from None
+        rows = read_parquet(split) if split is not None else logged_split(model, instead="pass --split SPLIT.parquet")
+    except TrackingError as err:
+        raise _error(str(err), 2) from None
+    except ValueError as err:
+        raise _error(f"{err}" if split is None else f"split file {str(split)!r} cannot be read as Parquet "
+                     f"({err}); write one with btc data split", 2) from None
+    except OSError as err:
+        raise _error(f"split file {str(split)!r} cannot be read ({err})", 2) from None
+    split = split or f"the split logged with {model}"
     if "split" not in rows.columns or (rows["split"] == split_name).sum() == 0:
         found = sorted(rows["split"].unique()) if "split" in rows.columns else []
         raise _error(f"no rows with split {split_name!r} in {str(split)!r}; found {', '.join(map(str, found)) or 'none'}", 2)

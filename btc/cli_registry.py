@@ -7,6 +7,7 @@ commands, so ``btc --help`` stays fast.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -136,6 +137,8 @@ def rollback_cmd(name: NameOpt = None, config: ConfigOpt = None, set_: SetOpt = 
     except _errors() as err:
         raise _fail(str(err)) from None
     typer.echo(f"{name}: champion v{old} -> v{new}")
+    typer.echo(f"the monitoring reference was built for the champion at its promotion; rebuild it for v{new}, or "
+               f"monitoring reports the mismatch: btc monitor-reference {shlex.quote(f'models:/{name}@champion')}")
 
 
 @registry_app.command("list")

@@ -52,6 +52,11 @@ class MonitoringError(ValueError):
     """Monitoring cannot give a meaningful answer (no reference, too few predictions…); the message says why."""
 
 
+class ReferenceMismatch(MonitoringError):
+    """The window's predictions are all by another model than the reference's (after a promotion or a
+    rollback without a new reference): monitoring is blind until the reference is rebuilt."""
+
+
 def probability_entropy(probabilities: np.ndarray) -> np.ndarray:
     """Shannon entropy of each row of class probabilities, in bits (0: certain; log2 C: uniform).
 

@@ -68,12 +68,15 @@ def monitoring(window_hours: float | None = None, config_path: str | None = None
 
     Returns:
         ``status`` (``skipped``, ``no drift``, ``drift``), ``action``, ``summary`` and the report paths.
+
+    Raises:
+        ReferenceMismatch: the window's predictions are all by another model than the reference's.
     """
     from prefect.artifacts import create_markdown_artifact
 
     from btc.config import load_config
     from btc.paths import prediction_log_path, reports_dir
-    from btc.reference import MonitoringError
+    from btc.reference import MonitoringError, ReferenceMismatch
     from monitoring.dashboard import workspace_of
     from monitoring.run import reference_dir_of
 
@@ -86,6 +89,9 @@ def monitoring(window_hours: float | None = None, config_path: str | None = None
         # Reports go where `btc monitor` writes them too.
         verdict = tasks.drift_report(log_file, reference, cfg, window_hours or cfg.monitoring.window_hours,
                                      reports_dir() / "monitoring", workspace)
+    except ReferenceMismatch as err:  # not "nothing to monitor yet": the served model goes unwatched
+        create_markdown_artifact(f"## Monitoring FAILED\n\n{err}", key="drift-report")
+        raise
     except MonitoringError as err:
         logger.warning("no drift report: %s", err)
         create_markdown_artifact(f"## Monitoring skipped\n\n{err}", key="drift-report")

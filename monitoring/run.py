@@ -18,7 +18,7 @@ import pandas as pd
 
 from btc.paths import monitoring_dir
 from btc.predlog import PredictionLog, utc
-from btc.reference import MonitoringError, Reference, features_from_log, load_reference
+from btc.reference import MonitoringError, Reference, ReferenceMismatch, features_from_log, load_reference
 from monitoring.drift import DriftVerdict, drift_report, save_verdict
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ def read_window(log_path: str | Path, reference: Reference, since: datetime, unt
     """The logged predictions of the reference's model in ``[since, until)``.
 
     Raises:
-        MonitoringError: the log is absent or empty, the window holds only other models'
-            predictions, or fewer than ``min_predictions`` rows.
+        MonitoringError: the log is absent or empty, or the window holds fewer than
+            ``min_predictions`` rows; :class:`ReferenceMismatch` (a MonitoringError) when they
+            are all by other models than the reference's.
         ValueError: ``log_path`` is a folder, or a file that is not a prediction log.
     """
     log_path = Path(log_path)
@@ -109,8 +110,8 @@ def read_window(log_path: str | Path, reference: Reference, since: datetime, unt
     ours = rows[(rows["model_name"] == name) & (rows["model_version"].astype(str) == version)]
     if ours.empty:
         others = ", ".join(f"{n} v{v} ({c})" for (n, v), c in rows.groupby(["model_name", "model_version"]).size().items())
-        raise MonitoringError(f"the reference is for model {name} v{version}, but the predictions between {span} "
-                              f"are by {others}; build a reference for the served model")
+        raise ReferenceMismatch(f"the reference is for model {name} v{version}, but the predictions between {span} "
+                                f"are by {others}; build a reference for the served model (btc monitor-reference)")
     if len(ours) < min_predictions:
         raise MonitoringError(f"{len(ours)} predictions by {name} v{version} between {span}; at least "
                               f"{min_predictions} are needed for a meaningful drift report (monitoring.min_predictions)")

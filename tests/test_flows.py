@@ -164,6 +164,26 @@ def test_monitoring_skips_without_reference(prefect_server, tmp_path):
     assert result["status"] == "skipped" and f"monitoring reference {str(elsewhere)!r} lacks" in result["summary"]
 
 
+def test_monitoring_fails_when_the_reference_is_for_another_model(prefect_server, trained_run, synth_split, tmp_path):
+    """After a rollback or a promotion without a new reference the served model goes unwatched: a failed run, not "skipped"."""
+    from btc.evaluate import rows_to_evaluate
+    from btc.data.cache import decode_rows
+    from btc.predict import Predictor
+    from btc.predlog import PredictionLog
+    from btc.reference import ReferenceMismatch, build_reference, log_records
+    from flows.monitoring_flow import monitoring
+
+    predictor = Predictor.load(trained_run.model_path)
+    rows = rows_to_evaluate(synth_split, "val")
+    reference = build_reference(predictor, rows, pca_components=2).save(tmp_path / "reference")
+    images = list(decode_rows(rows_to_evaluate(synth_split, "test"), 96))
+    records = [{**r, "model_version": "other"} for r in log_records(predictor, images)]  # stamped now
+    PredictionLog(tmp_path / "log.sqlite").append(records)
+    with pytest.raises(ReferenceMismatch, match=f"the reference is for model {predictor.name} v{predictor.version}, "
+                                                f"but the predictions between .* are by {predictor.name} vother"):
+        monitoring(window_hours=1, log_path=str(tmp_path / "log.sqlite"), reference_dir=str(reference), retrain=False)
+
+
 def test_drift_triggers_the_retrain_deployment(promoted, tiny_data, monkeypatch):
     """Shifted predictions of the promoted model: the monitoring flow schedules ``training-pipeline/retrain``."""
     from prefect.client.orchestration import get_client

@@ -347,6 +347,13 @@ def test_cli_monitor_reference_builds_from_the_validation_split(trained_run, syn
     assert reference.embedding_columns == ["emb_pc1", "emb_pc2", "emb_pc3", "emb_pc4"]
     wrong = CliRunner().invoke(app, args + ["--split-name", "holdout"])
     assert wrong.exit_code == 2 and "no rows with split 'holdout'" in wrong.output
+    beside = CliRunner().invoke(app, ["monitor-reference", str(trained_run.model_path), "--out", str(tmp_path / "r2")])
+    assert beside.exit_code == 0 and load_reference(tmp_path / "r2").metadata["source"].startswith(
+        f"{trained_run.out_dir / 'split.parquet'}:val"), beside.output  # the run's own split, beside its model.pt
+    (tmp_path / "alone").mkdir()
+    shutil.copy(trained_run.model_path, tmp_path / "alone" / "model.pt")
+    alone = CliRunner().invoke(app, ["monitor-reference", str(tmp_path / "alone" / "model.pt"), "--out", str(tmp_path / "r3")])
+    assert alone.exit_code == 2 and "no --split given and no split.parquet beside" in alone.output
 
 
 def _cli(name: str, command):

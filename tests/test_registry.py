@@ -31,6 +31,7 @@ from btc.evaluate import evaluate_predictor, rows_to_evaluate
 from btc.predict import Predictor
 from btc.tracking import registry, store
 from btc.tracking.gates import evaluate_gates, flip_change_share, intensity_change_share, scale_brightness
+from btc.reference import load_reference
 from btc.tracking.registry import RegistryError, promote, register, registry_lock, rollback
 from btc.tracking.run_logging import log_training_run
 from btc.training import TrainResult
@@ -244,6 +245,11 @@ def test_promotion_against_champion_and_rollback(reg, tmp_path):
     res = cli("registry", "rollback", "--name", name)
     assert res.exit_code == 0 and "champion v2 -> v1" in res.output
     assert aliases(name)["champion"] == "1"
+    hint = res.output.split("or monitoring reports the mismatch: ")[1].split()
+    assert hint[:2] == ["btc", "monitor-reference"]
+    res = cli(*hint[1:], "--out", tmp_path / "reference", "-s", "monitoring.pca_components=2")  # as printed
+    assert res.exit_code == 0 and f"for {name} v1 ->" in res.output, res.output
+    assert load_reference(tmp_path / "reference").metadata["model_version"] == "1"
     res = cli("registry", "rollback", "--name", name)
     assert res.exit_code == 2 and "no earlier one to roll back to" in res.output
     assert aliases(name)["champion"] == "1"

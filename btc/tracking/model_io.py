@@ -285,8 +285,10 @@ def load_predictor(uri: str, device: str = "cpu") -> Predictor:
                                          name=resolved.name or metadata.get("model_name") or "btc-classifier")
 
 
-def run_split(mlflow_client: MlflowClient, run_id: str) -> pd.DataFrame:
+def run_split(mlflow_client: MlflowClient, run_id: str, instead: str = "pass --data DIR|split.parquet") -> pd.DataFrame:
     """The split (``data/split.parquet``) that run ``run_id`` logged: what it was trained and tested on.
+
+    ``instead`` ends an error message: what the user can do without the logged split.
 
     Raises:
         ValueError: the run logged no readable split (the message names the run).
@@ -299,12 +301,11 @@ def run_split(mlflow_client: MlflowClient, run_id: str) -> pd.DataFrame:
             return read_parquet(local)
         except (MlflowException, OSError, ValueError) as err:
             message = err.message if isinstance(err, MlflowException) else str(err)
-            raise ValueError(f"run {run_id!r} has no data/split.parquet to evaluate on ({message}); "
-                             "pass --data DIR|split.parquet") from None
+            raise ValueError(f"run {run_id!r} has no data/split.parquet ({message}); {instead}") from None
 
 
-def logged_split(uri: str) -> pd.DataFrame:
-    """The split logged by the run behind a model URI.
+def logged_split(uri: str, instead: str = "pass --data DIR|split.parquet") -> pd.DataFrame:
+    """The split logged by the run behind a model URI (``instead``: as in :func:`run_split`).
 
     Raises:
         TrackingError: the tracking server is unreachable.
@@ -313,5 +314,5 @@ def logged_split(uri: str) -> pd.DataFrame:
     mlflow_client = store.client(must_exist=True)
     run_id = resolve_model_uri(uri, mlflow_client).run_id
     if not run_id:
-        raise ValueError(f"model {uri!r} names no run that logged it, so no split; pass --data DIR|split.parquet")
-    return run_split(mlflow_client, run_id)
+        raise ValueError(f"model {uri!r} names no run that logged it, so no split; {instead}")
+    return run_split(mlflow_client, run_id, instead)
