@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from btc.data.images import decode_gray, resize_gray
+from btc.data.images import ImageDecodeError, decode_gray, resize_gray
+from btc.data.synth import LESION_COLUMNS
 from btc.explain import gradcam, pointing_game
 from btc.predict import Predictor
 
@@ -43,7 +44,15 @@ def pointing_game_on_folder(model: str | Path | Predictor, root: Path, *, max_im
     sidecar = root / "lesions.csv"
     if not sidecar.is_file():
         raise FileNotFoundError(f"{str(sidecar)!r} not found: the pointing game needs the lesion boxes of synthetic data")
-    boxes = pd.read_csv(sidecar).dropna(subset=["x0"])
+    try:
+        boxes = pd.read_csv(sidecar)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(sidecar)!r} cannot be read as CSV ({err})") from None
+    missing = [c for c in LESION_COLUMNS if c not in boxes.columns]
+    if missing:
+        raise ValueError(f"{str(sidecar)!r} lacks the columns {', '.join(missing)}; expected "
+                         f"{', '.join(LESION_COLUMNS)} (as `btc data synth` writes them)")
+    boxes = boxes.dropna(subset=["x0"])
     if under:
         boxes = boxes[boxes["path"].str.startswith(f"{Path(under).as_posix().rstrip('/')}/")]
     if boxes.empty:
@@ -56,7 +65,10 @@ def pointing_game_on_folder(model: str | Path | Predictor, root: Path, *, max_im
     size = predictor.image_size
     arrays, scaled, covered = [], [], []
     for row in boxes.itertuples():
-        gray = decode_gray(root / row.path)[0]
+        try:
+            gray = decode_gray(root / row.path)[0]
+        except ImageDecodeError as err:
+            raise ImageDecodeError(f"{str(root / row.path)!r} (listed in {sidecar.name}): {err}") from None
         sy, sx = size / gray.shape[0], size / gray.shape[1]
         arrays.append(resize_gray(gray, size))
         scaled.append((row.x0 * sx, row.y0 * sy, row.x1 * sx, row.y1 * sy))

@@ -186,6 +186,17 @@ def test_pointing_game_on_synthetic_folder(predictor, synth_root):
     assert four["n_images"] == 4 and set(four["per_class"]) == {"glioma", "meningioma", "pituitary"}
 
 
+def test_pointing_game_names_a_sidecar_or_image_it_cannot_use(predictor, tmp_path):
+    from btc.data.images import ImageDecodeError
+
+    (tmp_path / "lesions.csv").write_text("file,box\nTraining/glioma/a.jpg,1 2 3 4\n")
+    with pytest.raises(ValueError, match="lesions.csv' lacks the columns path, label, x0, y0, x1, y1; expected"):
+        pointing_game_on_folder(predictor, tmp_path)
+    (tmp_path / "lesions.csv").write_text("path,label,x0,y0,x1,y1\nTraining/glioma/gone.jpg,glioma,1,2,3,4\n")
+    with pytest.raises(ImageDecodeError, match=r"Training/glioma/gone.jpg' \(listed in lesions.csv\): cannot read file"):
+        pointing_game_on_folder(predictor, tmp_path)
+
+
 def test_training_curves_keep_every_point_in_view(tmp_path, monkeypatch):
     """A weak first epoch (macro-F1 0.10 under accuracy 0.25) is drawn, not cut off by the axis."""
     from btc import plots
