@@ -95,6 +95,17 @@ def test_decode_refuses_decompression_bomb_before_decoding(tmp_path):
         decode_gray(path, max_bytes=10)
 
 
+
+def test_an_image_over_pillows_own_limit_gets_the_same_message(tmp_path, monkeypatch):
+    """Above Pillow's limit (about 179 Mpx; lowered here to keep the file small) Pillow refuses it as it opens."""
+    path = tmp_path / "big.png"
+    Image.new("L", (5000, 5000)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # bombs are what exceeds twice this
+    with pytest.raises(ImageDecodeError, match="image is 25000000 pixels, over the limit of 1000000 "
+                                               "\\(refused from its header as a decompression bomb\\)"):
+        decode_gray(path, max_pixels=1_000_000)
+
+
 def _write_dicom(tmp_path):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -11,6 +11,7 @@ decompression bomb is refused without being expanded.
 from __future__ import annotations
 
 import io
+import re
 import stat
 import zlib
 from dataclasses import dataclass
@@ -172,7 +173,11 @@ def decode_gray(
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image: the bytes are not JPEG, PNG, DICOM or another known format") from None
-    except Image.DecompressionBombError as err:  # only reachable when max_pixels is set above Pillow's own limit
+    except Image.DecompressionBombError as err:  # Pillow's own limit (~179 Mpx), checked as it opens the file
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        if declared and int(declared.group(1)) > max_pixels:  # the same words as our own header check
+            raise ImageDecodeError(f"image is {declared.group(1)} pixels, over the limit of {max_pixels} "
+                                   "(refused from its header as a decompression bomb)") from None
         raise ImageDecodeError(f"image refused as a decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # e.g. a JPEG cut off inside its header
         raise ImageDecodeError(f"corrupt or truncated image header ({err})") from None
