@@ -33,3 +33,16 @@ def monitoring_dir() -> Path:
 
 def reports_dir() -> Path:
     return btc_home() / "reports"
+
+
+def usable_folder(folder: Path, what: str) -> Path:
+    """``folder``, created if missing; one that cannot be a folder this process writes into is
+    named in a ValueError (``what`` says which setting it is)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot use {folder} as the {what}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot use {folder} as the {what}: not writable")
+    return folder

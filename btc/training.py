@@ -27,6 +27,7 @@ from btc.data.loaders import ArrayBatches
 from btc.labels import CLASSES
 from btc.metrics import fit_temperature
 from btc.models import build_model
+from btc.paths import usable_folder
 from btc.tables import read_parquet
 from btc.train import check_resumable, fit, predict_logits, resolve_device
 from btc.transforms import Augment
@@ -160,17 +161,6 @@ def check_new_run_folder(out_dir: Path) -> None:
     if held:
         raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}); a new run would overwrite it. "
                          "Train into a new folder, or continue that run with resume (--resume)")
-
-
-def usable_folder(folder: Path, what: str) -> Path:
-    """``folder``, created if missing; a path that cannot be a folder is named in a ValueError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot use {folder} as the {what}: {err.strerror or err}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot use {folder} as the {what}: not writable")
-    return folder
 
 
 def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:

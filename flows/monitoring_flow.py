@@ -75,20 +75,22 @@ def monitoring(window_hours: float | None = None, config_path: str | None = None
     from prefect.artifacts import create_markdown_artifact
 
     from btc.config import load_config
-    from btc.paths import prediction_log_path, reports_dir
+    from btc.paths import prediction_log_path, reports_dir, usable_folder
     from btc.reference import MonitoringError, ReferenceMismatch
     from monitoring.dashboard import workspace_of
-    from monitoring.run import reference_dir_of
+    from monitoring.run import check_options, reference_dir_of
 
     logger = get_run_logger()
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     log_file = Path(log_path) if log_path else prediction_log_path()
     reference = Path(reference_dir) if reference_dir else reference_dir_of(cfg)
-    workspace = workspace_of(cfg)
+    hours = window_hours if window_hours is not None else cfg.monitoring.window_hours  # 0 is refused, not 24
+    # Misuse is said before anything is read, in the setting's own name (as `btc monitor` does).
+    check_options(window_hours=hours)
+    workspace = usable_folder(workspace_of(cfg), "Evidently workspace (monitoring.workspace)")
+    out_dir = usable_folder(reports_dir() / "monitoring", "report folder")  # where `btc monitor` writes them too
     try:
-        # Reports go where `btc monitor` writes them too.
-        verdict = tasks.drift_report(log_file, reference, cfg, window_hours or cfg.monitoring.window_hours,
-                                     reports_dir() / "monitoring", workspace)
+        verdict = tasks.drift_report(log_file, reference, cfg, hours, out_dir, workspace)
     except ReferenceMismatch as err:  # not "nothing to monitor yet": the served model goes unwatched
         create_markdown_artifact(f"## Monitoring FAILED\n\n{err}", key="drift-report")
         raise

@@ -119,7 +119,7 @@ def build_monitoring_reference(predictor, rows: pd.DataFrame, out_dir: Path, sou
     return build_reference(predictor, rows, pca_components=components, source=source).save(out_dir)
 
 
-@task(name="drift-report", **PLAIN, **IO)
+@task(name="drift-report", **PLAIN)  # local files only; a retry would write the reports again for a later "now"
 def drift_report(log_path: Path, reference_dir: Path, cfg: Config, window_hours: float, out_dir: Path,
                  workspace: Path | None):
     from monitoring.run import run_monitoring

@@ -164,6 +164,19 @@ def test_monitoring_skips_without_reference(prefect_server, tmp_path):
     assert result["status"] == "skipped" and f"monitoring reference {str(elsewhere)!r} lacks" in result["summary"]
 
 
+def test_monitoring_refuses_bad_settings_before_it_writes_anything(prefect_server, tmp_path):
+    from btc.paths import reports_dir
+    from flows.monitoring_flow import monitoring
+
+    with pytest.raises(ValueError, match=r"window_hours=0(\.0)?; expected a finite number of hours above 0"):
+        monitoring(window_hours=0)  # not the config's 24 h
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=f"cannot use {tmp_path / 'a_file'} as the Evidently workspace "
+                                         r"\(monitoring.workspace\)"):
+        monitoring(window_hours=1, overrides=[f"monitoring.workspace={tmp_path / 'a_file'}"])
+    assert not (reports_dir() / "monitoring").exists()
+
+
 def test_monitoring_fails_when_the_reference_is_for_another_model(prefect_server, trained_run, synth_split, tmp_path):
     """After a rollback or a promotion without a new reference the served model goes unwatched: a failed run, not "skipped"."""
     from btc.evaluate import rows_to_evaluate
