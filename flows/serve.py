@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config passed to every flow")
     parser.add_argument("--no-schedule", action="store_true", help="serve monitoring without its hourly schedule")
     args = parser.parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # the environment, or the active profile (prefect config set)
         parser.exit(2, "error: PREFECT_API_URL is not set: deployments live on a Prefect server (prefect server start, "
-                       "then export PREFECT_API_URL=http://127.0.0.1:4200/api); without one they would vanish with "
+                       "then export PREFECT_API_URL=http://127.0.0.1:4200/api or prefect config set it); without one they would vanish with "
                        "this process\n")
 
     from prefect import serve

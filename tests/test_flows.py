@@ -8,6 +8,7 @@ artifacts are read back through the client, as the UI would.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,25 @@ def test_retries_only_for_failures_that_may_pass():
 
     assert retried(OSError("disk busy")) and retried(TrackingError("server down")) and retried(RuntimeError("x"))
     assert not retried(ValueError("unknown class folder")) and not retried(ConfigError("bad override"))
+
+
+def test_flows_serve_takes_the_server_from_the_prefect_profile(tmp_path):
+    """`prefect config set PREFECT_API_URL=...` (what prefect.yaml and the docs suggest) is as good as the variable."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect_home")
+    prefect_cli = str(Path(sys.executable).with_name("prefect"))
+    unset = subprocess.run([sys.executable, "-m", "flows.serve", "--no-schedule"], env=env, capture_output=True,
+                           text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert unset.returncode == 2 and "PREFECT_API_URL is not set" in unset.stderr, unset.stderr
+    subprocess.run([prefect_cli, "config", "set", "PREFECT_API_URL=http://127.0.0.1:9/api"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    served = subprocess.run([sys.executable, "-m", "flows.serve", "--no-schedule"], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).parents[1])
+    # it went on to register the deployments on the profile's server (nothing listens on port 9)
+    assert served.returncode != 0 and "is not set" not in served.stderr and "ConnectError" in served.stderr, served.stderr
 
 
 def test_build_bento_labels_the_champion_version(tmp_path):
