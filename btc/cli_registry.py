@@ -98,7 +98,7 @@ def register_cmd(
     except _errors() as err:
         raise _fail(str(err)) from None
     typer.echo(f"registered run {run_id} as {name} v{version}; challenger -> v{version}")
-    typer.echo(f"next: btc registry promote --name {name}")
+    typer.echo(f"next: btc registry promote --name {shlex.quote(name)}")
 
 
 @registry_app.command("promote")

@@ -286,6 +286,8 @@ def test_model_names_with_quotes(reg):
     assert res.exit_code == 0 and "challenger" in res.output, res.output
     with pytest.raises(RegistryError, match="holds both ' and \""):
         register(reg.good, "it's \"quoted\"")
+    with pytest.raises(RegistryError, match="model name 'x@y' holds '@', which model URIs use for aliases"):
+        register(reg.good, "x@y")
 
 
 def reg_checkpoint(reg) -> Path:
@@ -446,6 +448,52 @@ def test_evaluation_images_the_challenger_trained_on_are_refused(reg, tmp_path):
     assert res.exit_code == 2, res.output
     assert f"5 of the {len(reg.rows) + 5} evaluation images were in the challenger's (v1) train/val split" in res.output
     assert "champion" not in aliases(name) and "promotion.decision" not in version_tags(name, "1")
+
+    # Without the challenger's logged split nothing tells its training images apart: refused, not waved through.
+    logged = next(reg.home.rglob(f"{reg.good}/artifacts/data/split.parquet"))
+    hidden = logged.rename(tmp_path / "hidden.parquet")
+    try:
+        res = cli("registry", "promote", "--name", name, "--data", tmp_path / "leaky.parquet",
+                  *sum((["-s", s] for s in PERMISSIVE), []))
+    finally:
+        hidden.rename(logged)
+    assert res.exit_code == 2 and f"cannot read the split the challenger's (v1) run {reg.good} logged" in res.output
+    assert "champion" not in aliases(name) and "promotion.decision" not in version_tags(name, "1")
+
+
+def test_a_later_decision_leaves_no_gate_of_an_earlier_one(reg):
+    name = "regated"
+    register(reg.bad, name)  # always answers glioma: the default recall floors fail
+    first = promote(name, load_config(None, []))
+    assert not first.promoted and version_tags(name, "1")["gate.recall_meningioma"].endswith("fail")
+    assert promote(name, permissive()).promoted  # no recall floors this time
+    tags = version_tags(name, "1")
+    assert tags["promotion.decision"] == "promoted" and not [k for k in tags if k.startswith("gate.recall")]
+    assert all(v.endswith("pass") for k, v in tags.items() if k.startswith("gate."))
+
+
+def test_list_survives_a_purged_run_and_says_what_was_rolled_back(reg, tmp_path):
+    import subprocess
+    import sys
+
+    client = store.client()
+    name = "purged"
+    register(reg.bad, name)
+    promote(name, permissive())
+    register(reg.good, name)
+    promote(name, permissive())
+    rollback(name)
+    decisions = {r["version"]: r["decision"] for r in registry.list_versions(name)}
+    assert decisions["1"] == "promoted" and decisions["2"].startswith("rolled back 20"), decisions
+    gone = client.create_run(client.get_experiment_by_name("btc").experiment_id).info.run_id
+    client.create_model_version(name, source=str(tmp_path), run_id=gone)
+    client.delete_run(gone)
+    gc = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri", store.tracking_uri(), "--tracking-uri", store.tracking_uri(),
+                         "--run-ids", gone], capture_output=True, text=True, timeout=300)
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    rows = {r["version"]: r for r in registry.list_versions(name)}
+    assert sorted(rows) == ["1", "2", "3"] and rows["3"]["test_macro_f1"] is None
+    assert rows["2"]["test_macro_f1"] == pytest.approx(reg.good_f1)
 
 
 def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):

@@ -166,6 +166,9 @@ def check_model_name(name: str) -> str:
     """
     if "'" in name and '"' in name:
         raise RegistryError(f"model name {name!r} holds both ' and \"; MLflow cannot search for it. Use at most one kind")
+    if "@" in name:
+        raise RegistryError(f"model name {name!r} holds '@', which model URIs use for aliases (models:/name@champion): "
+                            "its versions could never be loaded. Choose a name without '@'")
     return name
 
 
@@ -217,6 +220,11 @@ def _record(mlflow_client: MlflowClient, result: PromotionResult) -> None:
             "promotion.at": _now(), "promotion.champion_before": result.champion_before or "none",
             "promotion.eval_set": result.eval_set[:4000]}
     tags |= {f"gate.{g.name}": f"{g.value} ({g.threshold}): {'pass' if g.passed else 'fail'}" for g in result.gates}
+    # Gates of an earlier decision that this one did not evaluate would contradict it: removed first.
+    earlier = mlflow_client.get_model_version(result.name, result.challenger).tags
+    for key in earlier:
+        if key.startswith("gate.") and key not in tags:
+            mlflow_client.delete_model_version_tag(result.name, result.challenger, key)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(result.name, result.challenger, key, value)
 
@@ -238,8 +246,8 @@ def _seen_images(mlflow_client: MlflowClient, run_id: str, split: pd.DataFrame |
     """
     if split is None:
         try:
-            _, split = frozen_eval_rows(mlflow_client, run_id)
-        except RegistryError:
+            split = run_split(mlflow_client, run_id)
+        except ValueError:
             return None
     return set(split.loc[split["split"].isin(["train", "val"]), "sha256"])
 
@@ -257,8 +265,16 @@ def _check_overlap(mlflow_client: MlflowClient, name: str, challenger: str, cham
     for role, version in (("challenger", challenger), ("champion", champion)):
         if version is None:
             continue
-        seen = _seen_images(mlflow_client, mlflow_client.get_model_version(name, version).run_id,
-                            challenger_split if role == "challenger" else None)
+        run_id = mlflow_client.get_model_version(name, version).run_id
+        seen = _seen_images(mlflow_client, run_id, challenger_split if role == "challenger" else None)
+        if seen is None and role == "challenger":  # fail closed: an unchecked set may be its own training images
+            raise RegistryError(
+                f"cannot read the split the challenger's (v{version}) run {run_id} logged (data/split.parquet), so "
+                "cannot tell whether the evaluation images include ones it trained on. Nothing changed; restore "
+                "that artifact, or register a run that logged its split")
+        if seen is None:
+            notes.append(f"the champion's (v{version}) run logged no readable split: whether it trained on any "
+                         "evaluation image is unknown")
         overlap = int(rows["sha256"].isin(seen).sum()) if seen else 0
         if overlap and role == "challenger":
             raise RegistryError(
@@ -407,6 +423,14 @@ def rollback(name: str, *, lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[str, s
         return current, target
 
 
+def _decision(tags: dict[str, str]) -> str:
+    """The last word on a version: its promotion decision, unless it was rolled back since."""
+    rolled_back, decided = tags.get("rolled_back_at"), tags.get("promotion.at", "")
+    if rolled_back and rolled_back >= decided:
+        return f"rolled back {rolled_back}"
+    return tags.get("promotion.decision", "")
+
+
 def list_versions(name: str) -> list[dict]:
     """Every version of ``name``, newest first: aliases, run, status, key test metrics, last decision.
 
@@ -420,11 +444,14 @@ def list_versions(name: str) -> list[dict]:
         by_version.setdefault(str(version), []).append(alias)
     rows = []
     for mv in versions_of(mlflow_client, name):
-        metrics = mlflow_client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        try:
+            metrics = mlflow_client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        except MlflowException:  # the run was deleted and purged: the version is still listed, without metrics
+            metrics = {}
         rows.append({"version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
                      "run_id": mv.run_id, "status": mv.status,
                      "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc)
                                         .isoformat(timespec="seconds"),
                      **{k: metrics.get(k) for k in KEY_METRICS},
-                     "decision": mv.tags.get("promotion.decision", "")})
+                     "decision": _decision(mv.tags)})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
