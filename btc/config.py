@@ -140,8 +140,9 @@ class ValidationConfig(_Section):
     )
     reference: Path | None = Field(None, description="statistics reference JSON; default expectations/reference_stats.json")
     warn_only: list[str] = Field(
-        default_factory=lambda: ["no_exact_duplicates_within_source_split"],
-        description="expectations reported as warnings, not failures (the splitter drops exact copies itself)",
+        default_factory=lambda: ["no_exact_duplicates_within_source_split", "given_test_has_no_near_copies_of_training"],
+        description="expectations reported as warnings, not failures (the splitter drops exact copies itself, and "
+                    "marks the dataset's own test images that have a near copy in training)",
     )
 
     @model_validator(mode="after")

@@ -250,6 +250,11 @@ def validation_frame(
     df = manifest_or_split.reset_index(drop=True)
     readable = df["readable"].astype(bool)
     splits = df["split"] if "split" in df else df["source_split"].where(readable, "")
+    # A dataset's own Testing images stay its test set, and the split marks those with a near copy in
+    # training (near_dup_in_train) so evaluation reports them apart: a declared overlap, reported by its
+    # own expectation (a warning by default), not an undeclared leak.
+    given_test = (df["source_split"].astype(str) == "test") & (splits == "test") if "split" in df \
+        else pd.Series(False, index=df.index)
     distinct = ~df["sha256"].where(readable).duplicated()
     used = readable & (splits.isin(SPLITS) if "split" in df else distinct)
     frame = pd.DataFrame({
@@ -263,7 +268,10 @@ def validation_frame(
         "height": df["height"].astype(float).where(readable),
         "mode": df["mode"].astype(object).where(readable),
         "sha256": df["sha256"].astype(str),
-        "leaks_across_splits": leaks_across_splits(splits, df["phash"].where(readable, ""), near_duplicate_distance),
+        "leaks_across_splits": leaks_across_splits(splits.where(~given_test, ""), df["phash"].where(readable, ""),
+                                                   near_duplicate_distance),
+        "given_test_near_copy_of_training": given_test & (df["near_dup_in_train"].fillna(False).astype(bool)
+                                                          if "near_dup_in_train" in df else False),
     })
     if all(c in df for c in CHECKED_STATISTICS):
         stats = df[list(CHECKED_STATISTICS)].astype(float)

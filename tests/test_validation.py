@@ -223,16 +223,30 @@ def test_corrupt_file_fails_files_readable_only(dataset_copy, tmp_path):
     assert "Tr-me_0003.jpg" in report.outcome("files_readable").observed
 
 
-def test_near_duplicate_across_splits_fails_no_leaks_only(dataset_copy, tmp_path):
+def test_a_near_copy_in_the_given_testing_folder_is_a_declared_warning_not_a_leak(dataset_copy, tmp_path):
     # A re-encoded copy of a training image in the given Testing folder: the splitter keeps
-    # Testing as the test set, so the pair straddles train/val and test.
+    # Testing as the test set and marks the copy, so evaluation reports the clean rest apart.
     original = dataset_copy / "Training" / "glioma" / "Tr-gl_0000.jpg"
     Image.open(original).save(dataset_copy / "Testing" / "glioma" / "Te-gl_copy.jpg", quality=60)
     split = split_without_leakage(_manifest(dataset_copy))
     assert split["near_dup_in_train"].sum() == 1
     report = _validate(split, tmp_path)
+    assert report.success and report.warnings == ["given_test_has_no_near_copies_of_training"]
+    assert report.outcome("given_test_has_no_near_copies_of_training").observed.startswith("1 of 49 unexpected")
+    assert "Te-gl_copy.jpg" in report.outcome("given_test_has_no_near_copies_of_training").observed
+    assert report.outcome("no_leaks_across_splits").status == "PASS"
+    strict = _validate(split, tmp_path, config=ValidationConfig(warn_only=[]))
+    assert strict.failures == ["given_test_has_no_near_copies_of_training"]
+
+
+def test_near_duplicate_between_train_and_val_fails_no_leaks_only(dataset_copy, tmp_path):
+    split = split_without_leakage(_manifest(dataset_copy))
+    train = split.index[(split["split"] == "train") & (split["label"] == "glioma")][0]
+    val = split.index[(split["split"] == "val") & (split["label"] == "glioma")][0]
+    split.loc[val, "phash"] = split.loc[train, "phash"]  # a split edited by hand: a near copy across train/val
+    report = _validate(split, tmp_path)
     assert report.failures == ["no_leaks_across_splits"]
-    assert report.outcome("no_leaks_across_splits").observed.startswith("2 of 49 unexpected")
+    assert report.outcome("no_leaks_across_splits").observed.startswith("2 of 48 unexpected")
 
 
 def test_exact_duplicate_in_one_folder_is_a_warning_by_default_and_a_failure_when_configured(dataset_copy, tmp_path):
