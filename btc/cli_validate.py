@@ -31,13 +31,15 @@ from btc.cli_common import writable_folder  # noqa: E402
 
 def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) -> pd.DataFrame:
     """The manifest of ``data_dir``, split without leakage when ``split``."""
-    from btc.data.manifest import build_manifest
+    from btc.data.manifest import build_manifest, unreadable
     from btc.data.split import split_without_leakage
 
     try:
         manifest = build_manifest(data_dir, workers=workers, progress=sys.stderr.isatty())
     except ValueError as err:  # DatasetLayoutError and unknown class folders
         raise _error(f"{data_dir} is not a valid dataset: {err}", 1) from None
+    for row in unreadable(manifest).itertuples():  # files_readable names some; here is every one and why
+        typer.secho(f"unreadable file {row.path}: {row.error}", fg=typer.colors.YELLOW, err=True)
     if not split:
         return manifest
     d = data_config

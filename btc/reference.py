@@ -315,7 +315,8 @@ def load_reference(directory: str | Path) -> Reference:
     missing = [name for name in (FEATURES_FILE, PCA_FILE, METADATA_FILE) if not (directory / name).is_file()]
     if missing:
         raise MonitoringError(f"monitoring reference {str(directory)!r} lacks {', '.join(missing)}; "
-                              "build one with btc.reference.build_reference(...).save(dir) when promoting a model")
+                              "build one with btc monitor-reference MODEL (the training pipeline builds it when it "
+                              "promotes a model)")
     rebuild = "rebuild the reference with btc monitor-reference"
     path = directory / METADATA_FILE
     try:

@@ -267,7 +267,7 @@ def validation_frame(
         "width": df["width"].astype(float).where(readable),
         "height": df["height"].astype(float).where(readable),
         "mode": df["mode"].astype(object).where(readable),
-        "sha256": df["sha256"].astype(str),
+        "sha256": df["sha256"].astype(str).where(df["sha256"].astype(str) != ""),  # unread bytes: no hash, no copy
         "leaks_across_splits": leaks_across_splits(splits.where(~given_test, ""), df["phash"].where(readable, ""),
                                                    near_duplicate_distance),
         "given_test_near_copy_of_training": given_test & (df["near_dup_in_train"].fillna(False).astype(bool)

@@ -217,10 +217,11 @@ def test_missing_class_fails_all_classes_present_only(dataset_copy, tmp_path):
 def test_corrupt_file_fails_files_readable_only(dataset_copy, tmp_path):
     victim = dataset_copy / "Training" / "meningioma" / "Tr-me_0003.jpg"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    for name in ("gone_1.jpg", "gone_2.jpg"):  # two broken links: unreadable, not copies of each other
+        (dataset_copy / "Training" / "glioma" / name).symlink_to(tmp_path / name)
     report = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path)
-    assert report.failures == ["files_readable"]
-    assert "1 of 48 unexpected" in report.outcome("files_readable").observed
-    assert "Tr-me_0003.jpg" in report.outcome("files_readable").observed
+    assert report.failures == ["files_readable"] and report.warnings == []
+    assert report.outcome("files_readable").observed.startswith("3 of 50 unexpected (values False), e.g. gone_1.jpg")
 
 
 def test_a_near_copy_in_the_given_testing_folder_is_a_declared_warning_not_a_leak(dataset_copy, tmp_path):
@@ -328,6 +329,16 @@ def test_cli_exact_copy_across_folders_fails_unless_warned(cli_app, dataset_copy
     warned = CliRunner().invoke(cli_app, [*args, "--warn-only", "no_leaks_across_splits"])
     assert warned.exit_code == 0, warned.output
     assert "WARN" in warned.output and "with warnings: no_leaks_across_splits" in warned.output
+
+
+def test_cli_says_why_each_file_is_unreadable(cli_app, dataset_copy, tmp_path):
+    (dataset_copy / "Training" / "glioma" / "Tr-gl_0002.jpg").write_bytes(b"not a jpeg")
+    (dataset_copy / "Training" / "glioma" / "gone.jpg").symlink_to(tmp_path / "gone.jpg")
+    result = CliRunner().invoke(cli_app, [str(dataset_copy), "--docs-dir", str(tmp_path / "docs"), "--workers", "2"])
+    assert result.exit_code == 1 and "files_readable" in result.output
+    text = " ".join(result.output.split())
+    assert f"unreadable file {dataset_copy / 'Training' / 'glioma' / 'Tr-gl_0002.jpg'}: not an image" in text
+    assert f"unreadable file {dataset_copy / 'Training' / 'glioma' / 'gone.jpg'}: cannot read file" in text
 
 
 def test_cli_names_an_unknown_class_folder(cli_app, dataset_copy, tmp_path):
