@@ -93,7 +93,7 @@ def log_run(cfg: Config, result, split: pd.DataFrame, report: dict, artifacts_di
 def register(run_id: str, name: str) -> str:
     from btc.tracking.registry import register
 
-    return register(run_id, name)
+    return register(run_id, name, reuse_undecided=True)  # a retry reuses the version its first try added
 
 
 @task(name="promotion-gates", **PLAIN, **IO)

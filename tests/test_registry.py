@@ -404,36 +404,69 @@ def test_challenger_moved_during_evaluation_aborts_with_nothing_changed(reg, mon
     assert "promotion.decision" not in version_tags(name, "1")
 
 
-@pytest.mark.parametrize("moved_first", [True, False])
-def test_a_failure_while_moving_the_champion_leaves_a_true_record_and_a_retry_completes(reg, monkeypatch, moved_first):
-    """What a Prefect retry meets: the store fails once, after (or before) the alias has moved."""
+def test_a_retried_registration_reuses_the_version_its_first_try_added(reg, monkeypatch):
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    name = f"flaky-{moved_first}"
-    register(reg.good, name)
-    real, calls = registry._move_champion, []
+    name = "retried"
+    real, calls = MlflowClient.set_registered_model_alias, []
 
-    def move_then_fail_once(*args):
+    def fail_once(self, *args):
         calls.append(1)
         if len(calls) == 1:
-            if moved_first:
-                real(*args)
+            raise MlflowException("database is locked")  # after create_model_version, before the alias
+        return real(self, *args)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fail_once)
+    with pytest.raises(MlflowException, match="database is locked"):
+        register(reg.good, name, reuse_undecided=True)
+    assert register(reg.good, name, reuse_undecided=True) == "1"  # the pipeline's retry
+    assert [str(mv.version) for mv in registry.versions_of(store.client(), name)] == ["1"]
+    assert aliases(name) == {"challenger": "1"}
+    promote(name, permissive())
+    assert register(reg.good, name, reuse_undecided=True) == "2"  # judged already: a new decision, a new version
+    assert register(reg.good, name) == "3"  # by hand: always a new version
+
+
+@pytest.mark.parametrize("moved", ["all", "alias only", "nothing"])
+def test_a_failure_while_moving_the_champion_leaves_a_true_record_and_a_retry_completes(reg, monkeypatch, moved):
+    """What a Prefect retry meets: the store fails once, after the alias and history moved, between
+    the two, or before either."""
+    from mlflow.exceptions import MlflowException
+
+    name = f"flaky-{moved.replace(' ', '-')}"
+    register(reg.bad, name)
+    assert promote(name, permissive()).promoted  # v1: champion, so v2 has one to follow in the history
+    version = register(reg.good, name)
+    real, calls = registry._move_champion, []
+
+    def move_then_fail_once(client, model, challenger, champion):
+        calls.append(1)
+        if len(calls) == 1:
+            if moved == "all":
+                real(client, model, challenger, champion)
+            elif moved == "alias only":
+                client.set_registered_model_alias(model.name, "champion", challenger)
             raise MlflowException("database is locked")
-        return real(*args)
+        return real(client, model, challenger, champion)
 
     monkeypatch.setattr(registry, "_move_champion", move_then_fail_once)
     with pytest.raises(MlflowException, match="database is locked"):
-        promote(name, permissive())
-    decision = version_tags(name, "1")["promotion.decision"]
-    if moved_first:
-        assert aliases(name)["champion"] == "1" and decision == "promoted"
-    else:
-        assert "champion" not in aliases(name)
+        promote(name, permissive(), expected_challenger=version)
+    decision = version_tags(name, version)["promotion.decision"]
+    if moved == "nothing":
+        assert aliases(name)["champion"] == "1"
         assert decision == "passed the gates, but moving champion failed (MlflowException)"
-    again = promote(name, permissive())
-    assert aliases(name)["champion"] == "1" and again.champion_after == "1"  # the flow serves champion_after
-    assert again.promoted == (not moved_first)
-    assert version_tags(name, "1")["promotion.decision"] == "promoted"
+    else:
+        assert aliases(name)["champion"] == version and decision == "promoted"
+    again = promote(name, permissive(), expected_challenger=version)  # the flow's retry
+    assert aliases(name)["champion"] == version and again.champion_after == version  # the flow serves champion_after
+    assert again.promoted and again.champion_before == "1", again.reason
+    assert version_tags(name, version)["promotion.decision"] == "promoted"
+    history = json.loads(store.client().get_registered_model(name).tags["champion_history"])
+    assert history == ["1", version]  # what rollback follows
+    by_hand = promote(name, permissive())  # not the retry of anything: nothing to do
+    assert not by_hand.promoted and "already champion" in by_hand.reason
 
 
 def test_evaluation_images_the_challenger_trained_on_are_refused(reg, tmp_path):

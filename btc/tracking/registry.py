@@ -172,11 +172,16 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def register(run_id: str, name: str) -> str:
+def register(run_id: str, name: str, *, reuse_undecided: bool = False) -> str:
     """Add the run's model as a new version of ``name`` and point ``challenger`` at it.
 
+    ``reuse_undecided``: a version of this run that no promotion has judged yet is pointed at
+    instead of adding another (what a retried pipeline step wants: its first try may have added
+    the version before the store failed). Without it, registering a run again asks for a new
+    decision on a new version.
+
     Returns:
-        The new version number.
+        The version number.
 
     Raises:
         TrackingError: the store is unreachable.
@@ -191,6 +196,13 @@ def register(run_id: str, name: str) -> str:
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    if reuse_undecided:
+        undecided = [mv for mv in versions_of(mlflow_client, name)
+                     if mv.run_id == run_id and "promotion.decision" not in mv.tags and "rolled_back_at" not in mv.tags]
+        if undecided:
+            version = max(undecided, key=lambda mv: int(mv.version))
+            mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
+            return str(version.version)
     # The artifact location, not models:/<model_id>: MLflow's SQL registry resolves the latter
     # with the global tracking URI, which the embedded default store leaves unset.
     version = mlflow_client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
@@ -307,13 +319,38 @@ def _check_aliases_unmoved(model: RegisteredModel, challenger: str, champion: st
                             "run promote again")
 
 
-def _move_champion(mlflow_client: MlflowClient, model: RegisteredModel, challenger: str, champion: str | None) -> None:
-    name = model.name
-    mlflow_client.set_registered_model_alias(name, CHAMPION, challenger)  # one atomic row update in the store
+def _push_history(mlflow_client: MlflowClient, model: RegisteredModel, challenger: str, champion: str | None) -> None:
+    """``champion_history`` ending ``..., champion, challenger`` (what rollback follows)."""
     history = [v for v in champion_history(model) if v != challenger][-HISTORY_KEEP:]
     if champion is not None and (not history or history[-1] != champion):
         history.append(champion)  # a champion set by hand, outside btc's history
-    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [challenger]))
+    mlflow_client.set_registered_model_tag(model.name, HISTORY_TAG, json.dumps(history + [challenger]))
+
+
+def _finish_earlier_promotion(mlflow_client: MlflowClient, name: str, version: str, expected: str | None):
+    """The challenger is champion already. If an earlier try of this promotion moved the alias and then
+    failed (the store, say), finish its record (the history) and, for the caller that registered it
+    (``expected``), report it as the promotion it was; else None."""
+    tags = mlflow_client.get_model_version(name, version).tags
+    if tags.get("promotion.decision") != "promoted":
+        return None
+    model = registered_model(mlflow_client, name)
+    before = tags.get("promotion.champion_before")
+    before = None if before in (None, "none") else before
+    if champion_history(model)[-1:] != [version]:
+        _push_history(mlflow_client, model, version, before)
+    if expected is None or str(expected) != version:
+        return None
+    was = f"v{before}" if before else "none"
+    return PromotionResult(name, version, before, version, True,
+                           f"PROMOTED: {CHAMPION} -> v{version} (was {was}), by an earlier try of this promotion; "
+                           "its gates are recorded on the version (gate.* tags)", eval_set=tags.get("promotion.eval_set", ""))
+
+
+def _move_champion(mlflow_client: MlflowClient, model: RegisteredModel, challenger: str, champion: str | None) -> None:
+    name = model.name
+    mlflow_client.set_registered_model_alias(name, CHAMPION, challenger)  # one atomic row update in the store
+    _push_history(mlflow_client, model, challenger, champion)
     after = str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version)
     if after != challenger:
         raise RegistryError(f"model {name!r}: {CHAMPION} reads v{after} right after being set to v{challenger}; "
@@ -352,6 +389,9 @@ def promote(name: str, cfg: Config, eval_rows: pd.DataFrame | None = None, *, ev
                                 f"run was registered since; v{expected_challenger} was not judged and nothing changed")
         champion = str(aliases[CHAMPION]) if CHAMPION in aliases else None
         if challenger == champion:
+            finished = _finish_earlier_promotion(mlflow_client, name, challenger, expected_challenger)
+            if finished is not None:
+                return finished
             return PromotionResult(name, challenger, champion, champion, False,
                                    f"version {challenger} is already {CHAMPION}; nothing to do")
         challenger_version = mlflow_client.get_model_version(name, challenger)
