@@ -20,6 +20,11 @@ check is one plain expectation (``label_share``, ``leaks_across_splits``, the st
 width, height, mode and statistics are null for unreadable files, which GX skips, so a
 corrupt file fails ``files_readable`` only). Great Expectations is imported lazily: it takes
 seconds to import and the CLI imports this module for every command.
+
+Two expectations guard frames built outside btc's manifest more than its own output:
+``labels_known`` (discovery already refuses an unknown class folder) and ``mode_supported``
+(with the default ``allowed_modes``, a file of another mode is unreadable, so it fails
+``files_readable``); narrowing ``validation.allowed_modes`` makes the latter bite.
 """
 
 from __future__ import annotations
