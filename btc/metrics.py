@@ -74,8 +74,12 @@ def reliability_table(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
-    """The temperature minimising validation NLL (Guo et al., 2017); 1.0 when it cannot be fitted."""
-    if len(y_true) < 2:
+    """The temperature minimising validation NLL (Guo et al., 2017); 1.0 when it cannot be fitted.
+
+    When every validation image is classified right, the NLL keeps falling as the temperature
+    goes to 0: there is no minimum, only wherever the optimiser stops, so 1.0 is kept.
+    """
+    if len(y_true) < 2 or (np.asarray(logits).argmax(1) == np.asarray(y_true)).all():
         return 1.0
     z, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(y_true, dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

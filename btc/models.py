@@ -233,6 +233,10 @@ def build_model(
     return model
 
 
+# Classifier layers of a weights file: of another class count (ImageNet's 1,000), so never loaded.
+CLASSIFIER_PREFIXES = ("backbone.fc.", "backbone.classifier.", "head.")
+
+
 def load_init_weights(model: nn.Module, path: Path) -> list[str]:
     """Load the matching tensors of a weights file into ``model``; returns the keys skipped.
 
@@ -241,8 +245,9 @@ def load_init_weights(model: nn.Module, path: Path) -> list[str]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a weights file, or fewer than half of the model's weight tensors match
-            (weights of another architecture); the message says which.
+        ValueError: not a weights file, fewer than half of the model's weight tensors match, or
+            the file holds tensors (besides a classifier) the model has no place for (weights of
+            another architecture); the message says which.
     """
     if not path.is_file():
         raise FileNotFoundError(f"--init-weights file {str(path)!r} does not exist")
@@ -268,6 +273,13 @@ def load_init_weights(model: nn.Module, path: Path) -> list[str]:
     if loaded < len(weights) / 2:
         raise ValueError(f"--init-weights file {str(path)!r} matches only {loaded} of the model's {len(weights)} weight "
                          f"tensors by name and shape; is it for another architecture?")
+    # Tensors the model has no place for, beyond a classifier head of another class count: the file
+    # is of a larger architecture (resnet34 into resnet18 matches every resnet18 name and shape).
+    unplaced = [k for k in skipped if not k.startswith(CLASSIFIER_PREFIXES)]
+    if unplaced:
+        raise ValueError(f"--init-weights file {str(path)!r} holds {len(unplaced)} tensors this {type(model).__name__} "
+                         f"has no place for ({', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''}); is it "
+                         "for another, larger architecture?")
     model.load_state_dict(usable, strict=False)
     missing = [k for k in weights if k not in usable]
     if missing:

@@ -66,3 +66,8 @@ def test_ece_zero_when_calibrated_and_temperature_reduces_it():
     t = fit_temperature(overconfident, y)
     assert t == pytest.approx(4 / 1.5, rel=0.15)
     assert expected_calibration_error(softmax(overconfident, t), y) < expected_calibration_error(softmax(overconfident), y) / 2
+    # Every validation image right: the NLL has no minimum (it falls as T -> 0); no temperature is made up.
+    separable = rng.normal(size=(60, 4))
+    right = rng.integers(0, 4, 60)
+    separable[np.arange(60), right] += 6
+    assert fit_temperature(separable, right) == 1.0 and fit_temperature(2 * separable, right) == 1.0

@@ -406,6 +406,12 @@ def test_init_weights_files_btc_writes_and_files_that_do_not_fit(tmp_path, train
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "mobilenet.pt")
     with pytest.raises(ValueError, match=r"matches only \d+ of the model's \d+ weight tensors.*another architecture"):
         build_model("efficientnet_b0", init_weights=tmp_path / "mobilenet.pt")
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pt")
+    with pytest.raises(ValueError, match=r"resnet34.pt' holds 96 tensors this TorchvisionClassifier has no place for "
+                                         r"\(backbone.layer1.2.*another, larger architecture"):
+        build_model("resnet18", init_weights=tmp_path / "resnet34.pt")  # every resnet18 tensor is in it
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pt")
+    build_model("resnet18", init_weights=tmp_path / "resnet18.pt")  # ImageNet's 1,000-class fc is not loaded, as meant
 
 
 def test_a_model_file_whose_spec_and_weights_do_not_fit_is_refused(tmp_path, trained_run):
