@@ -74,6 +74,24 @@ def test_exact_and_near_duplicates_are_handled(tmp_path, synth_root):
     assert split["near_dup_in_train"].sum() >= 1
 
 
+def test_near_copies_of_given_test_images_train_never_validate(tmp_path, synth_root):
+    """Validation chooses the epoch and fits the temperature: it must hold no near copy of a test image."""
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    copies = []
+    for cls in ("glioma", "meningioma", "notumor", "pituitary"):
+        for src in sorted((root / "Testing" / cls).iterdir())[:10]:  # every given test image of the fixture
+            copies.append(root / "Training" / cls / f"near_{src.stem}.jpg")
+            Image.open(src).save(copies[-1], quality=60)
+    split = split_without_leakage(build_manifest(root, progress=False), seed=0).set_index("path")
+    test_clusters = set(split.loc[split["split"] == "test", "cluster"])
+    touching = split[split["cluster"].isin(test_clusters) & (split["split"] != "test")]
+    assert len(touching) >= len(copies) and set(touching["split"]) == {"train"}
+    assert split.loc[[str(c) for c in copies], "split"].eq("train").all()
+    shares = split[split["split"].isin(["train", "val"])].groupby("label")["split"].apply(lambda s: (s == "val").mean())
+    assert shares.between(0.10, 0.20).all(), shares  # the val share still counts the copies kept in train
+
+
 @pytest.mark.parametrize("testing", ["Testing", "testing"])
 def test_of_exact_copies_the_one_in_the_testing_folder_is_kept(tmp_path, synth_root, testing):
     """The dataset's own test set stays whole, however its folder's name sorts against Training's."""

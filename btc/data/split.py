@@ -86,14 +86,22 @@ def near_duplicate_clusters(phashes: pd.Series, max_distance: int) -> np.ndarray
     return connected_components(graph, directed=False)[1]
 
 
-def _assign_clusters(frame: pd.DataFrame, shares: dict[str, float], seed: int) -> pd.Series:
-    """Assign each cluster of ``frame`` to a split so that each class is split by ``shares``."""
+def _assign_clusters(frame: pd.DataFrame, shares: dict[str, float], seed: int,
+                     placed: pd.DataFrame | None = None) -> pd.Series:
+    """Assign each cluster of ``frame`` to a split so that each class is split by ``shares``.
+
+    ``placed``: rows whose split is already fixed (column ``split``); they count towards each
+    class's shares, so the rest make up the difference.
+    """
     rng = np.random.default_rng(seed)
     clusters = frame.groupby("cluster").agg(size=("label", "size"), label=("label", lambda s: s.mode().iloc[0]))
     clusters["tiebreak"] = rng.permutation(len(clusters))
     clusters = clusters.sort_values(["size", "tiebreak"], ascending=[False, True])
-    totals = frame["label"].value_counts()
+    placed = placed if placed is not None else frame.iloc[:0].assign(split="")
+    totals = pd.concat([frame["label"], placed["label"]]).value_counts()
     filled = {(lab, s): 0 for lab in totals.index for s in shares}
+    for (lab, s), n in placed.groupby(["label", "split"]).size().items():
+        filled[(lab, s)] += int(n)
     assignment = {}
     for cid, row in clusters.iterrows():
         # The split with the largest remaining deficit for this class takes the cluster.
@@ -159,12 +167,17 @@ def split_without_leakage(
     if has_test_folder and not (kept["source_split"] != "test").any():
         raise ValueError("every usable image comes from a Testing folder: there is nothing to train on")
     if has_test_folder:
-        df.loc[usable & (df["source_split"] == "test"), "split"] = "test"
-        pool = usable & (df["source_split"] != "test")
+        given_test = usable & (df["source_split"] == "test")
+        df.loc[given_test, "split"] = "test"
+        pool = usable & ~given_test
         # A cluster that reaches into the given test set cannot be moved there; keep it in train
-        # and flag the test images it touches instead.
-        df.loc[pool, "split"] = _assign_clusters(
-            df[pool], {"train": 1 - val_fraction, "val": val_fraction}, seed
+        # (never in val, which chooses the epoch and fits the temperature) and flag the test images
+        # it touches instead.
+        touching = pool & df["cluster"].isin(df.loc[given_test, "cluster"])
+        df.loc[touching, "split"] = "train"
+        rest = pool & ~touching
+        df.loc[rest, "split"] = _assign_clusters(
+            df[rest], {"train": 1 - val_fraction, "val": val_fraction}, seed, placed=df[touching]
         )
     else:
         df.loc[usable, "split"] = _assign_clusters(
