@@ -47,3 +47,7 @@ def test_train_throughput_benchmark_compares_cache_with_decoding(synth_root):
     assert [r[0].split()[0] for r in rows] == ["decode", "decoded"]
     assert all(float(r[1]) > 0 for r in rows)
     assert "cache build (decode once)" in out
+    assert "after one untimed warm-up epoch" in out  # neither pipeline pays torch's first-call costs in its rate
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), str(synth_root),
+                              "--epochs", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--epochs: 0: expected a whole number of 1 or more" in refused.stderr
