@@ -36,5 +36,6 @@ test-all: install
 lock:
 	uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
+# The demo's outputs only: demo/ and .btc/. runs/ (btc train's default output folder) is the user's.
 clean:
-	rm -rf .btc demo runs
+	rm -rf .btc demo

@@ -50,3 +50,14 @@ def test_the_demo_runs_end_to_end_on_a_fresh_copy(tmp_path):
     assert f"stopped the service (PID {pid})" in out
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_make_clean_removes_the_demo_outputs_and_keeps_the_users_runs(tmp_path):
+    shutil.copy2(REPO / "Makefile", tmp_path / "Makefile")
+    for folder in ("demo/runs/r", ".btc", "runs/mine"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "model.pt").write_bytes(b"weights")
+    done = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "demo").exists() and not (tmp_path / ".btc").exists()
+    assert (tmp_path / "runs" / "mine" / "model.pt").read_bytes() == b"weights"  # btc train's default output
