@@ -64,6 +64,9 @@ def main() -> None:
     for name in probs:
         print(f"| {name} | {score([name]):.4f} |")
     print(f"| all {len(probs)} averaged | {score(list(probs)):.4f} |")
+    if args.subsets and len(probs) <= 2:
+        print(f"\n--subsets: with {len(probs)} runs the only subset of two or more is all of them (above); "
+              "it needs 3 or more runs")
     if args.subsets and len(probs) > 2:
         combos = [c for r in range(2, len(probs) + 1) for c in itertools.combinations(probs, r)]
         best = max(combos, key=score)

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arguments import positive_int
 from btc.config import load_config
 from btc.data.manifest import build_manifest
 from btc.data.split import split_without_leakage
@@ -47,21 +48,26 @@ def run(manifest, threshold: int, cfg, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data", type=Path, help="dataset folder")
-    parser.add_argument("--thresholds", type=int, nargs="+", help="default: data.near_duplicate_distance and 0")
+    parser.add_argument("--thresholds", type=int, nargs="+", help="default: data.near_duplicate_distance and 0 "
+                        "(each once: the same threshold twice would train the same run twice)")
     parser.add_argument("--arch", default="compact_cnn")
-    parser.add_argument("--epochs", type=int, help="default: the config's")
+    parser.add_argument("--epochs", type=positive_int, help="default: the config's")
     parser.add_argument("-s", "--set", dest="overrides", action="append", default=[],
                         help="config override section.key=value (repeatable)")
     args = parser.parse_args()
+    if args.thresholds and (bad := [t for t in args.thresholds if not 0 <= t <= 256]):
+        parser.error(f"--thresholds {bad[0]}: expected bits between 0 and 256")
+    thresholds = list(dict.fromkeys(args.thresholds or []))  # each once, in the order given
 
-    overrides = [f"model.arch={args.arch}", *args.overrides] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    overrides = [f"model.arch={args.arch}", *args.overrides] + (
+        [f"train.epochs={args.epochs}"] if args.epochs is not None else [])
     # Every image into one pool: a dataset's own Testing folder would otherwise be the test set of every
     # threshold, and the "random" split would be tested on the same images as the leakage-free one.
     manifest = build_manifest(args.data, progress=False).assign(source_split="")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides + [f"output_dir={tmp}"])
-        for t in args.thresholds or [cfg.data.near_duplicate_distance, 0]:
+        for t in thresholds or [cfg.data.near_duplicate_distance, 0]:
             rows.append(run(manifest, t, cfg, Path(tmp)))
             print(f"threshold {t}: done in {rows[-1]['minutes']} min", flush=True)
     print(f"\n{args.arch}, {cfg.train.epochs} epochs, {cfg.data.image_size} px\n")

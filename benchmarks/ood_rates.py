@@ -87,14 +87,23 @@ def not_mri_images(seed: int = 0, crops: int = 40) -> list[tuple[str, bytes]]:
     return items
 
 
-def flags(items: list[tuple[str, bytes]], rule: OodRule, predictor=None) -> list[tuple[str, list[str]]]:
-    """``(kind, reasons)`` per item: the statistics part, plus the confidence part with a predictor."""
-    def one(item: tuple[str, bytes]) -> tuple[str, list[str], logic.Upload]:
-        upload = logic.decode_upload(item[1], item[0], **LIMITS)
+def flags(items: list[tuple[str, bytes]], rule: OodRule, predictor=None,
+          refused: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """``(kind, reasons)`` per item: the statistics part, plus the confidence part with a predictor.
+
+    An item the service would refuse (400: not an image, empty, ...) is no OOD case: its
+    reason goes to ``refused`` and it is left out.
+    """
+    def one(item: tuple[str, bytes]) -> tuple[str, list[str], logic.Upload] | None:
+        try:
+            upload = logic.decode_upload(item[1], item[0], **LIMITS)
+        except logic.UploadError as err:
+            (refused if refused is not None else []).append(str(err))
+            return None
         return item[0], statistics_reasons(upload.stats, upload.saturation, rule), upload
 
     with ThreadPoolExecutor(2) as pool:
-        decoded = list(pool.map(one, items))
+        decoded = [d for d in pool.map(one, items) if d is not None]
     if predictor is None:
         return [(kind, reasons) for kind, reasons, _ in decoded]
     out = []
@@ -128,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         mri = sorted(p for p in args.mri.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not mri:
         raise SystemExit(f"error: no MRI images (.jpg, .jpeg, .png) under {args.mri}")
-    mri_flags = flags([(p.parent.name, p.read_bytes()) for p in mri], rule, predictor)
+    refused: list[str] = []
+    mri_flags = flags([(str(p), p.read_bytes()) for p in mri], rule, predictor, refused)
+    for reason in refused:
+        print(f"skipped (the service answers 400): {reason}", file=sys.stderr)
+    if not mri_flags:
+        raise SystemExit(f"error: none of the {len(mri)} images under {args.mri} could be decoded")
     flagged = [r for _, r in mri_flags if r]
     by_test = Counter(r.split(" (")[0] for reasons in flagged for r in reasons)
-    print(f"real MRI ({args.mri}): {len(flagged)} of {len(mri)} flagged = {len(flagged) / len(mri):.2%}; "
-          f"by test: {dict(by_test)}")
+    print(f"real MRI ({args.mri}): {len(flagged)} of {len(mri_flags)} flagged = {len(flagged) / len(mri_flags):.2%}"
+          f"{f' ({len(refused)} unreadable skipped)' if refused else ''}; by test: {dict(by_test)}")
     detected: dict[str, list[bool]] = defaultdict(list)
     for kind, reasons in flags(not_mri_images(), rule, predictor):
         detected[kind].append(bool(reasons))

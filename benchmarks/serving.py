@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from arguments import positive_int  # noqa: E402
 from btc.cli_serve import start_service, stop_service  # noqa: E402
 from btc.predict import Predictor  # noqa: E402
 from btc.tracking.store import tracking_uri  # noqa: E402
@@ -110,8 +111,10 @@ async def load_test(url: str, images: list[tuple[str, bytes]], *, requests: int,
         seconds = time.perf_counter() - started
     return {"clients": clients, "requests": requests, "failures": len(failures),
             "failure_kinds": dict(Counter(failures)), "seconds": seconds,
-            "throughput_rps": requests / seconds, "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)), "mean_batch": float(np.mean(batch_sizes or [0]))}
+            "throughput_rps": requests / seconds,
+            "p50_ms": float(np.percentile(latencies, 50)) if latencies else float("nan"),  # every request failed
+            "p99_ms": float(np.percentile(latencies, 99)) if latencies else float("nan"),
+            "mean_batch": float(np.mean(batch_sizes or [0]))}
 
 
 def measure(url: str, images, *, requests: int, concurrency: list[int], headers: dict[str, str]) -> list[dict]:
@@ -181,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt path or MLflow URI")
     parser.add_argument("--images", type=Path, help="folder of JPEG/PNG slices (default: generated)")
-    parser.add_argument("--distinct", type=int, default=64, help="distinct images cycled through")
-    parser.add_argument("--requests", type=int, default=200, help="requests per setting")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--torch-threads", type=int, help="torch CPU threads in both servers (default torch's)")
+    parser.add_argument("--distinct", type=positive_int, default=64, help="distinct images cycled through")
+    parser.add_argument("--requests", type=positive_int, default=200, help="requests per setting")
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--torch-threads", type=positive_int, help="torch CPU threads in both servers (default torch's)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         # caller's MLflow store for a models:/ URI (as `btc serve` does).
         model = str(Path(args.model).absolute()) if Path(args.model).is_file() else args.model
         env = {**os.environ, "BTC_MODEL_URI": model, "BTC_HOME": str(tmp / "home"),
+               "BTC_PREDICTION_LOG": str(tmp / "bentoml.sqlite"),  # never the caller's log: monitoring reads it
                "MLFLOW_TRACKING_URI": tracking_uri(),
                "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
         env.pop("BTC_API_KEY", None)

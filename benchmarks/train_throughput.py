@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from arguments import positive_int
 from btc.data.cache import cached_images
 from btc.data.loaders import ArrayBatches, DecodingDataset
 from btc.data.manifest import build_manifest
@@ -39,13 +40,6 @@ def epoch_rate(batches, model, epochs: int, warmup: int = 1) -> float:
     rates = [train_one_epoch(model, batches, opt, torch.device("cpu"), loss_fn=nn.CrossEntropyLoss(),
                              augment=Augment(), progress=False)["images_per_s"] for _ in range(warmup + epochs)]
     return sum(rates[warmup:]) / epochs
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a whole number of 1 or more")
-    return value
 
 
 def main() -> None:

@@ -51,3 +51,44 @@ def test_train_throughput_benchmark_compares_cache_with_decoding(synth_root):
     refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), str(synth_root),
                               "--epochs", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--epochs: 0: expected a whole number of 1 or more" in refused.stderr
+
+
+def _refused(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_benchmarks_refuse_counts_below_one_before_any_work(synth_root, tmp_path):
+    for name, args, message in (
+            ("leakage.py", [str(synth_root), "--epochs", "0"], "--epochs: 0: expected a whole number of 1 or more"),
+            ("leakage.py", [str(synth_root), "--thresholds", "300"], "--thresholds 300: expected bits between 0 and 256"),
+            ("serving.py", ["--model", str(tmp_path / "m.pt"), "--requests", "0"], "--requests: 0: expected a whole"),
+            ("serving.py", ["--model", str(tmp_path / "m.pt"), "--concurrency", "8", "0"], "--concurrency: 0: expected")):
+        done = _refused(name, *args)
+        assert done.returncode == 2 and message in done.stderr, (name, args, done.stderr[-2000:])
+
+
+def test_ood_rates_skips_an_image_the_service_would_refuse_and_names_it(synth_root, tmp_path):
+    folder = tmp_path / "mri"
+    folder.mkdir()
+    good = sorted((synth_root / "Testing" / "glioma").iterdir())[0]
+    (folder / good.name).write_bytes(good.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    done = _refused("ood_rates.py", "--mri", str(folder))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"skipped (the service answers 400): {folder / 'empty.jpg'}: cannot use this image: empty file" in done.stderr
+    assert "real MRI" in done.stdout and "of 1 flagged" in done.stdout and "(1 unreadable skipped)" in done.stdout
+
+
+@pytest.mark.slow  # starts a BentoML service and the FastAPI baseline (~1 min)
+def test_serving_benchmark_never_writes_the_callers_prediction_log(trained_run, tmp_path):
+    import os
+
+    users_log = tmp_path / "users_predictions.sqlite"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--model", str(trained_run.model_path),
+                           "--distinct", "4", "--requests", "10", "--concurrency", "1", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BTC_PREDICTION_LOG": str(users_log)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "BentoML service" in done.stdout and "FastAPI baseline" in done.stdout
+    assert not users_log.exists()
