@@ -55,10 +55,15 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
         base: the environment to start from (default this process's).
 
     Raises:
-        ValueError: ``workers`` below 1, or the config (``config`` or ``$BTC_CONFIG``) is missing or invalid.
+        ValueError: ``workers`` below 1, ``$BTC_TORCH_THREADS`` not a whole number of 1 or more, or the
+            config (``config`` or ``$BTC_CONFIG``) is missing or invalid.
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: expected 1 or more")
+    threads = (os.environ if base is None else base).get("BTC_TORCH_THREADS", "").strip()
+    if threads and not (threads.isdigit() and int(threads) >= 1):  # else the model worker dies and restarts for ever
+        raise ValueError(f"BTC_TORCH_THREADS={threads!r}: expected a whole number of threads, 1 or more (or unset "
+                         "for torch's default)")
     if config is not None and not Path(config).is_file():
         raise ValueError(f"config file {str(config)!r} does not exist")
     env = dict(os.environ if base is None else base)

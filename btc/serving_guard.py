@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import posixpath
 from typing import Any, Awaitable, Callable
 
 from python_multipart.exceptions import FormParserError
@@ -96,9 +97,17 @@ class _FormScan:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name")
         self.parts.append((None if name is None else name.decode("utf-8", "replace"), b"filename" in options))
-        filename = options.get(b"filename", b"").replace(b"\\", b"/").rsplit(b"/", 1)[-1]
-        if len(filename) > MAX_FILENAME_BYTES and self.long_name is None:  # BentoML's temporary file takes the name
-            self.long_name = filename.decode("utf-8", "replace"), len(filename)
+        # The name as the temporary file will carry it: Starlette decodes it as UTF-8, else Latin-1, and
+        # BentoML keeps its POSIX basename (a backslash stays); the file system counts UTF-8 bytes.
+        raw = options.get(b"filename", b"")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        filename = posixpath.basename(text)
+        size = len(filename.encode("utf-8", "surrogatepass"))
+        if size > MAX_FILENAME_BYTES and self.long_name is None:  # BentoML's temporary file takes the name
+            self.long_name = filename, size
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -160,12 +169,16 @@ class RequestGuard:
         self.app = app
         self.upload_fields, self.max_body_bytes = upload_fields, max_body_bytes
         self.one_file = one_file or {}
-        self.api_key = api_key if api_key is not None else (os.environ.get("BTC_API_KEY") or None)
+        key = api_key if api_key is not None else os.environ.get("BTC_API_KEY", "")
+        # A header value carries no surrounding white space, so a key read from a file with its newline
+        # could never be sent: it is stripped the same way.
+        self.api_key = key.strip() or None
 
     def _authorised(self, scope: Scope) -> bool:
         bearer = _header(scope, b"authorization") or ""
         offered = bearer[7:].strip() if bearer.lower().startswith("bearer ") else (_header(scope, b"x-api-key") or "")
-        return hmac.compare_digest(offered.encode(), self.api_key.encode())
+        # Compared as bytes: the header's raw bytes (read as Latin-1 above) against the key's UTF-8.
+        return hmac.compare_digest(offered.strip().encode("latin-1"), self.api_key.encode("utf-8"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

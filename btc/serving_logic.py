@@ -81,10 +81,19 @@ class Upload:
     data: bytes | None = None
 
 
+UNNAMED = "(no file name)"
+
+
 def upload_name(path: Path) -> str:
-    """The client's file name, recovered from BentoML's temporary copy (``tmpXXXXXXXX<name>``)."""
+    """The client's file name, recovered from BentoML's temporary copy (``tmpXXXXXXXX<name>``).
+
+    A client that sent no name (``filename=`` or a folder path) gets :data:`UNNAMED`, never the
+    temporary file's own name.
+    """
     name = Path(path).name
-    return name[11:] if name.startswith("tmp") and len(name) > 11 else name
+    if name.startswith("tmp") and len(name) >= 11:
+        return name[11:] or UNNAMED
+    return name
 
 
 def read_upload(path: Path, *, max_bytes: int, max_pixels: int, keep_bytes: bool = False) -> Upload:

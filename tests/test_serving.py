@@ -32,7 +32,7 @@ from btc.labels import CLASSES
 from btc.ood import OodRule, colour_saturation, ood_reasons, statistics_reasons
 from btc.predict import Predictor
 from btc.predlog import PredictionLog
-from btc.serving_guard import _FormScan
+from btc.serving_guard import RequestGuard, _FormScan
 
 API_KEY = "test-key-123"
 MAX_UPLOAD = 200_000
@@ -229,6 +229,40 @@ def test_form_scan_reads_only_real_part_headers(mri_path):
     assert status == 400 and "not valid multipart/form-data" in message
 
 
+def test_form_scan_measures_a_file_name_as_the_temporary_file_will_carry_it():
+    """Starlette decodes a name that is not UTF-8 as Latin-1 (each byte then two in UTF-8) and BentoML
+    keeps a backslash in its POSIX basename: both made names the guard let through, then a 500."""
+    latin1 = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="' + b"\xe9" * 150 + b'.jpg"'
+              b"\r\n\r\nJPEG\r\n--xyz--\r\n")
+    status, message = scan_of(latin1).refusal()
+    assert status == 400 and "is 304 bytes long; at most 200 bytes are accepted" in message
+    backslash = multipart_body((f'name="image"; filename="{"a" * 250}\\\\x.jpg"', b"JPEG"))
+    status, message = scan_of(backslash).refusal()
+    assert status == 400 and "is 256 bytes long" in message
+    assert scan_of(multipart_body(('name="image"; filename="C:\\\\scans\\\\slice.jpg"', b"JPEG"))).refusal() is None
+    assert scan_of(multipart_body(('name="image"; filename="dir/' + "a" * 196 + '.jpg"', b"JPEG"))).refusal() is None
+
+
+@pytest.mark.parametrize("configured, sent", [("s3cret\n", "s3cret"), (" s3cret ", "s3cret"),
+                                              ("clé-µ", "clé-µ".encode().decode("latin-1"))])
+def test_api_key_read_from_a_file_or_outside_ascii_can_be_sent(configured, sent):
+    """A key mounted from a file ends in a newline; a non-ASCII key travels as its UTF-8 bytes."""
+    import asyncio
+
+    from starlette.responses import PlainTextResponse
+
+    guarded = RequestGuard(PlainTextResponse("ok"), upload_fields={}, max_body_bytes={}, api_key=configured)
+
+    async def get(headers):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded), base_url="http://t") as client:
+            return (await client.get("/metadata", headers=headers)).status_code
+
+    raw = sent.encode("latin-1")  # the bytes a client puts on the wire
+    assert asyncio.run(get([(b"X-API-Key", raw)])) == 200
+    assert asyncio.run(get([(b"Authorization", b"Bearer " + raw)])) == 200
+    assert asyncio.run(get([(b"X-API-Key", b"wrong")])) == 401
+
+
 def test_form_scan_refuses_a_second_file_where_the_endpoint_takes_one():
     two = multipart_body(('name="image"; filename="a.jpg"', b"\xff" * 10), ('name="image"; filename="b.jpg"', b"x"))
     assert scan_of(two).refusal() is None  # several files are fine unless the endpoint takes one
@@ -255,6 +289,11 @@ def test_serve_environment_passes_model_key_and_workers(tmp_path):
     assert env["BTC_PREDICTION_LOG"] == str(Path("preds.sqlite").resolve())
     with pytest.raises(ValueError, match="workers=0"):
         serve_environment("m.pt", workers=0, api_key_env="X", config=None)
+    for threads in ("auto", "0", "-2", "1.5"):  # the model worker would die on it and be restarted for ever
+        with pytest.raises(ValueError, match=f"BTC_TORCH_THREADS='{threads}': expected a whole number of threads"):
+            serve_environment("m.pt", workers=1, api_key_env="X", config=None, base={"BTC_TORCH_THREADS": threads})
+    assert serve_environment("m.pt", workers=1, api_key_env="X", config=None,
+                             base={"BTC_TORCH_THREADS": "2"})["BTC_TORCH_THREADS"] == "2"
 
 
 def test_serve_environment_checks_the_config_from_the_environment_too(tmp_path, monkeypatch):
@@ -488,6 +527,14 @@ class TestService:
         response = post(url, "/predict", content=body,
                         headers={**AUTH, "Content-Type": "multipart/form-data; boundary=btc-b"})
         assert response.status_code == 200 and response.json()["filename"] == "good.jpg", response.text
+
+    def test_an_upload_without_a_file_name_never_shows_the_temporary_file(self, server, mri_path):
+        url, _ = server
+        for filename in ("", "scans/"):
+            body = multipart_body((f'name="image"; filename="{filename}"', mri_path.read_bytes()), boundary="btc-b")
+            response = post(url, "/predict", content=body,
+                            headers={**AUTH, "Content-Type": "multipart/form-data; boundary=btc-b"})
+            assert response.status_code == 200 and response.json()["filename"] == "(no file name)", response.text
 
     def test_predict_batch_answers_each_file(self, server, mri_paths):
         url, _ = server
