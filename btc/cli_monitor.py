@@ -88,6 +88,8 @@ def monitor_command(
         raise _error(str(err), 2) from None
     typer.echo(verdict.summary())
     typer.echo(f"report: {verdict.html}")
+    if verdict.dashboard_error:  # the verdict and its exit code stand
+        typer.echo(f"warning: {verdict.dashboard_error}", err=True)
     if mlflow:
         try:
             typer.echo(f"MLflow run: {log_to_mlflow(verdict)} (experiment btc-monitoring)")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from btc.data.images import gray_of
+from btc.data.images import ImageDecodeError, gray_of
 from btc.data.stats import image_statistics
 from btc.predlog import utc_text
 from btc.tables import read_parquet_bytes
@@ -46,6 +46,8 @@ CATEGORICAL_COLUMNS = ("predicted",)
 PROBABILITY_PREFIX = "p_"
 EMBEDDING_PREFIX = "emb_pc"
 FEATURES_FILE, PCA_FILE, METADATA_FILE = "features.parquet", "pca.npz", "reference.json"
+#: What monitoring reads from ``reference.json`` besides its format.
+METADATA_KEYS = ("model_name", "model_version", "image_columns", "prediction_columns")
 
 
 class MonitoringError(ValueError):
@@ -93,11 +95,21 @@ def log_records(predictor, images: Sequence, *, ts: datetime | Sequence[datetime
         raise ValueError(f"{n} images but {len(stamps)} timestamps and {len(flags)} ood flags; expected one per image")
     records = []
     for start in range(0, n, batch_size):
-        grays = [gray_of(im) for im in images[start:start + batch_size]]
+        grays = [_gray_named(im) for im in images[start:start + batch_size]]
         probs, embeddings = predictor.proba_and_embed(grays, batch_size=batch_size)
         records += [prediction_record(predictor, gray, p, e, ts=stamps[start + i], ood=flags[start + i])
                     for i, (gray, p, e) in enumerate(zip(grays, probs, embeddings))]
     return records
+
+
+def _gray_named(image) -> np.ndarray:
+    """:func:`gray_of`, naming the file in the error when ``image`` is a path (one of many rows)."""
+    try:
+        return gray_of(image)
+    except ImageDecodeError as err:
+        if isinstance(image, (str, Path)):
+            raise ImageDecodeError(f"{image}: {err}") from None
+        raise
 
 
 def prediction_record(predictor, gray: np.ndarray, probabilities: np.ndarray, embedding: np.ndarray, *,
@@ -328,6 +340,9 @@ def load_reference(directory: str | Path) -> Reference:
                               f"format {REFERENCE_FORMAT!r}; {rebuild}")
     if metadata.get("format") != REFERENCE_FORMAT:
         raise MonitoringError(f"{str(path)!r} has format {metadata.get('format')!r}; expected {REFERENCE_FORMAT!r}")
+    lacking = [k for k in METADATA_KEYS if k not in metadata]
+    if lacking:
+        raise MonitoringError(f"{str(path)!r} lacks {', '.join(lacking)}; {rebuild}")
     path = directory / PCA_FILE
     try:
         with np.load(io.BytesIO(_checked_bytes(path, metadata))) as pca:

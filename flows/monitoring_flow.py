@@ -99,6 +99,8 @@ def monitoring(window_hours: float | None = None, config_path: str | None = None
         create_markdown_artifact(f"## Monitoring skipped\n\n{err}", key="drift-report")
         return {"status": "skipped", "action": "none", "summary": str(err)}
 
+    if verdict.dashboard_error:  # the verdict stands and is acted on
+        logger.warning("%s", verdict.dashboard_error)
     trigger, why_not = None, ""
     if retrain:
         available, why_not = retrain_deployment_available()

@@ -10,6 +10,8 @@ mean confidence and predictions per window. Open it with::
 
 from __future__ import annotations
 
+import fcntl
+from contextlib import contextmanager
 from pathlib import Path
 
 from btc.paths import btc_home
@@ -34,7 +36,8 @@ def _panels():
     share = PanelMetric(legend="share of drifted columns", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})
     return [
         counter_panel("Drift share (latest window)", [share], size="half", aggregation="last",
-                      description="drifted feature columns / all; the window is drifted at or above the threshold"),
+                      description="drifted feature columns / all groups together; btc's verdict also calls a window "
+                                  "drifted when one group (image, prediction, embedding) reaches the threshold"),
         counter_panel("Predictions (latest window)", [PanelMetric(legend="predictions", metric="RowCount")],
                       size="half", aggregation="last"),
         line_plot_panel("Drift share", [share], size="full",
@@ -77,8 +80,22 @@ def add_snapshot(workspace: str | Path, snapshot) -> str:
         if not Path(snapshot).is_file():
             raise FileNotFoundError(f"snapshot {str(snapshot)!r} does not exist; drift_report writes it next to the HTML")
         snapshot = Snapshot.load(str(snapshot))
-    ws, project = ensure_project(workspace)
-    return str(ws.add_run(project.id, snapshot).id)
+    with _workspace_lock(workspace):  # two runs at once: neither reads the other's half-written snapshot
+        ws, project = ensure_project(workspace)
+        return str(ws.add_run(project.id, snapshot).id)
+
+
+@contextmanager
+def _workspace_lock(workspace: str | Path):
+    """An exclusive lock on ``workspace`` among btc's writers, held in a file beside it."""
+    lock = Path(workspace).parent / f".{Path(workspace).name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def snapshot_points(workspace: str | Path, name: str = PROJECT) -> list[dict]:

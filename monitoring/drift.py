@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from btc.predlog import utc
 from btc.reference import CATEGORICAL_COLUMNS, EMBEDDING_PREFIX, PREDICTION_COLUMNS, PROBABILITY_PREFIX, MonitoringError
 
 GROUPS = ("image", "prediction", "embedding")
@@ -81,6 +82,7 @@ class DriftVerdict:
     snapshot: Path | None = None
     window: list[str] = field(default_factory=list)
     model: dict[str, str] = field(default_factory=dict)
+    dashboard_error: str | None = None  # why the snapshot could not be added to the dashboard workspace
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -194,7 +196,7 @@ def drift_report(reference_df: pd.DataFrame, current_df: pd.DataFrame, *, out_ht
     columns = _check_frames(reference_df, current_df)
     current_df = current_df[columns]
     definition = _data_definition(reference_df, columns)
-    when = (timestamp or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(tzinfo=None)
+    when = utc(timestamp or datetime.now(timezone.utc)).replace(tzinfo=None)  # naive means UTC, as in the log
     with np.errstate(divide="ignore", invalid="ignore"):  # constant columns (image size) in Evidently's correlations
         snapshot = build_report(columns, threshold, num_method=num_method, cat_method=cat_method).run(
             Dataset.from_pandas(current_df.reset_index(drop=True), data_definition=definition),

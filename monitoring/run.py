@@ -129,10 +129,16 @@ def log_to_mlflow(verdict: DriftVerdict, *, experiment: str = EXPERIMENT) -> str
         TrackingError: the store is unreachable or refused the run; the verdict's own files are untouched.
     """
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     from btc.tracking import store
 
-    mlflow_client = store.client()  # fails in seconds where MLflow's own client would retry for minutes
+    failures = (MlflowException, OSError, SQLAlchemyError)  # SQLAlchemyError: a store file that is no database
+    try:
+        mlflow_client = store.client()  # fails in seconds where MLflow's own client would retry for minutes
+    except failures as err:
+        raise store.TrackingError(f"the drift verdict could not be logged to MLflow at {store.tracking_uri()} "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
     since, until = verdict.window or ["", datetime.now(timezone.utc).isoformat()]
     run_id = None
     try:
@@ -153,9 +159,9 @@ def log_to_mlflow(verdict: DriftVerdict, *, experiment: str = EXPERIMENT) -> str
         mlflow_client.log_dict(run_id, verdict.to_dict(), "drift/verdict.json")
         mlflow_client.set_terminated(run_id)
         return run_id
-    except (MlflowException, OSError) as err:
+    except failures as err:
         if run_id is not None:  # not left "running" for ever, if the store still answers
-            with contextlib.suppress(MlflowException, OSError):
+            with contextlib.suppress(*failures):
                 mlflow_client.set_terminated(run_id, "FAILED")
         raise store.TrackingError(f"the drift verdict could not be logged to MLflow at {mlflow_client.tracking_uri} "
                                   f"({type(err).__name__}: {err})") from None
@@ -195,11 +201,16 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
                                                       "since": since.isoformat(), "until": until.isoformat()})
     verdict.window = [since.isoformat(), until.isoformat()]
     verdict.model = {"name": reference.metadata["model_name"], "version": str(reference.metadata["model_version"])}
-    save_verdict(verdict, stem.with_suffix(".verdict.json"))
     if workspace is not None:
         from monitoring.dashboard import add_snapshot
 
-        add_snapshot(workspace, verdict.snapshot)
+        try:
+            add_snapshot(workspace, verdict.snapshot)
+        except Exception as err:  # a damaged workspace: the dashboard misses a point, the verdict stands
+            verdict.dashboard_error = (f"the snapshot was not added to the dashboard workspace {str(workspace)!r} "
+                                       f"({type(err).__name__}: {' '.join(str(err).split())[:300]})")
+            log.warning("%s", verdict.dashboard_error)
+    save_verdict(verdict, stem.with_suffix(".verdict.json"))
     log.info("%s", verdict.summary())
     return verdict
 

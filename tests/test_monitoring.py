@@ -9,8 +9,8 @@ are "the service's traffic".
 from __future__ import annotations
 
 import json
-import shutil
 import logging
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -326,6 +326,24 @@ def test_cli_monitor_exit_codes(monitored, reference_dir, tmp_path):
     assert offline.exit_code == EXIT_DRIFT and "DRIFT in" in offline.output, offline.output
     assert f"cannot reach MLflow tracking server at http://127.0.0.1:{port}" in offline.output
     assert "the verdict is kept in" in offline.output and "Traceback" not in offline.output
+    # A store file that is no database at all: the same, not a traceback and exit 1.
+    not_a_db = tmp_path / "not_a_store.db"
+    not_a_db.write_text("these are not the tables you are looking for")
+    garbage = CliRunner().invoke(app, [a for a in base if a != "--no-mlflow"] + ["--until", "2025-03-03T00:00:00"],
+                                 env={"MLFLOW_TRACKING_URI": f"sqlite:///{not_a_db}"})
+    assert garbage.exit_code == EXIT_DRIFT and "the drift verdict could not be logged to MLflow" in garbage.output
+    assert "Traceback" not in garbage.output, garbage.output
+    # A damaged dashboard workspace (a snapshot cut short) costs the dashboard point, not the verdict.
+    workspace = tmp_path / "evidently"
+    shutil.copytree(monitored["root"] / "evidently", workspace)
+    snapshot = next(workspace.rglob("snapshots/*.json"))
+    snapshot.write_bytes(snapshot.read_bytes()[:1000])
+    damaged = CliRunner().invoke(app, [a for a in base if a != "--no-dashboard"] + [
+        "--until", "2025-03-03T00:00:00", "--workspace", str(workspace)])
+    assert damaged.exit_code == EXIT_DRIFT and "DRIFT in" in damaged.output, damaged.output
+    assert f"warning: the snapshot was not added to the dashboard workspace {str(workspace)!r}" in damaged.output
+    verdicts = sorted(tmp_path.glob("drift-*.verdict.json"))
+    assert "dashboard workspace" in json.loads(verdicts[-1].read_text())["dashboard_error"]
 
 
 def test_cli_monitor_reference_builds_from_the_validation_split(trained_run, synth_split, tmp_path):
@@ -368,7 +386,8 @@ def _cli(name: str, command):
 def _unreadable_reference(folder: Path, broken: str) -> Path:
     """A reference folder with all three files, ``broken`` of them not in its format."""
     folder.mkdir()
-    metadata = {"format": REFERENCE_FORMAT, "model_name": "m", "model_version": "1"}
+    metadata = {"format": REFERENCE_FORMAT, "model_name": "m", "model_version": "1", "image_columns": ["mean"],
+                "prediction_columns": ["predicted"]}
     (folder / "reference.json").write_text(json.dumps(metadata))
     np.savez(folder / "pca.npz", components=np.eye(2), mean=np.zeros(2))
     (folder / "features.parquet").write_bytes(b"PAR1 not really")
@@ -454,6 +473,44 @@ def test_an_unreadable_reference_is_named(broken, tmp_path):
         str(tmp_path / "reports"), "--no-mlflow", "--no-dashboard"])
     assert result.exit_code == 1, result.output
     assert f"ref/{broken}' cannot be read as" in result.output and "Traceback" not in result.output
+
+
+
+def test_a_reference_json_without_what_monitoring_reads_is_named(reference_dir, tmp_path):
+    folder = Path(shutil.copytree(reference_dir, tmp_path / "ref"))
+    metadata = json.loads((folder / "reference.json").read_text())
+    del metadata["image_columns"], metadata["model_name"]
+    (folder / "reference.json").write_text(json.dumps(metadata))
+    with pytest.raises(MonitoringError, match=r"ref/reference.json' lacks model_name, image_columns; rebuild"):
+        load_reference(folder)
+
+
+def test_a_naive_snapshot_time_is_utc_whatever_the_local_zone(reference_dir, traffic, tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        reference = load_reference(reference_dir)
+        verdict = drift_report(reference.features, features_from_log(records_frame(traffic), reference),
+                               out_html=tmp_path / "r.html", timestamp=datetime(2025, 3, 2))
+        assert json.loads(Path(verdict.snapshot).read_text())["timestamp"].startswith("2025-03-02T00:00:00")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_monitor_reference_names_the_image_it_cannot_read(trained_run, synth_split, tmp_path):
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import reference_command
+
+    split = synth_split.copy()
+    victim = split.index[split["split"] == "val"][3]
+    split.loc[victim, "path"] = str(tmp_path / "gone.jpg")
+    split.to_parquet(tmp_path / "split.parquet")
+    result = CliRunner().invoke(_cli("monitor-reference", reference_command), [
+        "monitor-reference", str(trained_run.model_path), "--split", str(tmp_path / "split.parquet"),
+        "--out", str(tmp_path / "ref"), "-s", "monitoring.pca_components=4"])
+    assert result.exit_code == 2 and f"{tmp_path / 'gone.jpg'}: cannot read file" in result.output, result.output
 
 
 def test_cli_monitor_refuses_misuse_before_reading_the_reference(tmp_path):
