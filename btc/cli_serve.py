@@ -43,6 +43,30 @@ except (OSError, ValueError) as err:
 """
 
 
+STORE_VARIABLES = ("BTC_HOME", "BTC_PREDICTION_LOG", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                   "MLFLOW_ARTIFACTS_DESTINATION", "BENTOML_HOME")
+
+
+def store_locations(env: dict[str, str]) -> dict[str, str]:
+    """The variables of ``env`` that locate btc's stores (and always ``BTC_HOME``), made absolute.
+
+    Absolute, because a server runs from the project root (or a Bento's folder): the default
+    MLflow store and the prediction log stay where `btc` would put them from the caller's folder.
+    """
+    from btc.tracking.store import sqlite_path
+
+    found = {"BTC_HOME": str(Path(env.get("BTC_HOME", ".btc")).resolve())}
+    for name in ("BTC_PREDICTION_LOG", "MLFLOW_ARTIFACTS_DESTINATION", "BENTOML_HOME"):
+        if env.get(name):
+            found[name] = str(Path(env[name]).resolve())
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if env.get(name):
+            db = sqlite_path(env[name])  # sqlite:///mlflow.db is relative to the caller's folder
+            relative = db is not None and not db.is_absolute()
+            found[name] = env[name].replace(f"sqlite:///{db}", f"sqlite:///{db.resolve()}", 1) if relative else env[name]
+    return found
+
+
 def serve_environment(model: str, *, workers: int, api_key_env: str, config: Path | None,
                       base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the ``bentoml serve`` child process.
@@ -70,18 +94,7 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
     is_uri = model.startswith(("models:/", "runs:/"))
     env["BTC_MODEL_URI"] = model if is_uri else str(Path(model).resolve())
     env["BTC_API_WORKERS"] = str(workers)
-    # Absolute, because the server runs from the project root: the default MLflow store and the
-    # prediction log stay where `btc` would put them from the caller's directory.
-    env["BTC_HOME"] = str(Path(env.get("BTC_HOME", ".btc")).resolve())
-    for name in ("BTC_PREDICTION_LOG", "MLFLOW_ARTIFACTS_DESTINATION"):
-        if env.get(name):
-            env[name] = str(Path(env[name]).resolve())
-    from btc.tracking.store import sqlite_path
-
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        db = sqlite_path(env.get(name) or "")  # sqlite:///mlflow.db is relative to the caller's folder
-        if db is not None and not db.is_absolute():
-            env[name] = env[name].replace(f"sqlite:///{db}", f"sqlite:///{db.resolve()}", 1)
+    env.update(store_locations(env))
     if config is not None:
         env["BTC_CONFIG"] = str(Path(config).resolve())
     elif env.get("BTC_CONFIG"):  # from the caller's environment: relative to the caller's folder too

@@ -16,7 +16,7 @@
 
 Everything is written under the repository: ``demo/`` (data, runs, service log) and ``.btc/``
 (MLflow, prediction log, monitoring). ``make clean`` removes both. Re-running is safe: a new
-run is registered and must beat the champion to replace it.
+run is registered and must match or beat the champion (``min_margin_over_champion``, 0 by default) to replace it.
 """
 
 from __future__ import annotations

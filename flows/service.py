@@ -9,7 +9,7 @@ registry. So promotion has already done the real work by moving the ``champion``
    Bento (``bentoml build`` of ``serving/bentofile.yaml``: the service code and its Python
    environment, labelled with the champion version, ready for ``bentoml containerize``) and
    writes ``$BTC_HOME/serving.json``: which version is champion, its pinned URI, the Bento tag
-   and the command that serves it;
+   and the command that serves exactly that version (not whatever the alias points at later);
 2. (re)loading = (re)starting ``bentoml serve``: a running service keeps the model it loaded
    until it restarts. The pipeline does not restart processes it did not start; the demo
    (:mod:`flows.demo`) starts the service after the pipeline (``btc.cli_serve.start_service``)
@@ -21,16 +21,18 @@ registry. So promotion has already done the real work by moving the ``champion``
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from btc.cli_serve import store_locations
 from btc.paths import btc_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENTOFILE = REPO_ROOT / "serving" / "bentofile.yaml"
-SERVICE_IMPORT = "serving.service:BrainTumorClassifier"
 BENTOML = [sys.executable, "-m", "bentoml"]
 
 
@@ -56,6 +58,18 @@ def build_bento(version: str, bentofile: Path = BENTOFILE, timeout: float = 600)
     return tag
 
 
+def serve_command(model_uri: str, bento_tag: str | None) -> str:
+    """A shell command that serves exactly ``model_uri`` from any folder, in a fresh shell: the stores'
+    locations are spelled out (a Bento serves from its own folder, where a relative ``.btc`` is not)."""
+    env = store_locations(dict(os.environ))
+    if bento_tag is None:
+        command = f"{Path(sys.executable).with_name('btc')} serve --model {shlex.quote(model_uri)}"
+    else:
+        env["BTC_MODEL_URI"] = model_uri
+        command = f"{Path(sys.executable).with_name('bentoml')} serve {shlex.quote(bento_tag)}"
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
+
+
 def deploy_champion(name: str, version: str, run_id: str, *, bento: bool = False) -> dict:
     """Record the new champion for the service (and build its Bento when asked).
 
@@ -63,13 +77,13 @@ def deploy_champion(name: str, version: str, run_id: str, *, bento: bool = False
         The record written to ``$BTC_HOME/serving.json``.
     """
     tag = build_bento(version) if bento else None
-    alias_uri = f"models:/{name}@champion"
+    alias_uri, pinned = f"models:/{name}@champion", f"models:/{name}/{version}"
     record = {
         "model_name": name, "model_version": str(version), "run_id": run_id,
-        "model_uri": alias_uri, "pinned_model_uri": f"models:/{name}/{version}",
+        "model_uri": alias_uri, "pinned_model_uri": pinned,
         "deployed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bento": tag,
-        "serve": f"BTC_MODEL_URI={alias_uri} bentoml serve {tag or SERVICE_IMPORT}",
+        "serve": serve_command(pinned, tag),
         "reload": "a running service keeps the model it loaded at start-up: restart it to serve this version",
     }
     path = serving_record_path()

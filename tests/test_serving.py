@@ -646,3 +646,45 @@ def test_service_loads_the_registry_champion(trained_run, synth_split, tiny_conf
     from_checkpoint = logic.model_outputs(Predictor.load(trained_run.model_path), images)
     np.testing.assert_allclose([o["probabilities"] for o in from_registry],
                                [o["probabilities"] for o in from_checkpoint], atol=1e-5)
+
+
+@pytest.mark.slow  # logs a model (torch.export) and starts the service
+@pytest.mark.integration
+def test_the_serving_records_command_serves_its_version_from_anywhere(trained_run, synth_split, tiny_config, tmp_path):
+    """`serving.json`'s command, run in a fresh shell elsewhere, serves the version it records, also after
+    the alias moved on (a later promotion or a rollback)."""
+    from btc.config import load_config
+    from btc.tracking.registry import promote, register
+    from btc.tracking.run_logging import log_training_run
+    from flows.service import deploy_champion
+
+    lenient = load_config(None, ["registry.gates.min_macro_f1=0", "registry.gates.max_ece=1",
+                                 "registry.gates.max_flip_change=1", "registry.gates.max_intensity_change=1",
+                                 "registry.gates.min_tumour_recall={}"])
+    run_id = log_training_run(tiny_config, trained_run, synth_split, report=None)
+    first = register(run_id, "btc-classifier")
+    assert promote("btc-classifier", lenient).promoted
+    record = deploy_champion("btc-classifier", first, run_id)
+    second = register(run_id, "btc-classifier")  # promoted after the record was written: the alias moves on
+    assert promote("btc-classifier", lenient).promoted and second != first
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port = _free_port()
+    fresh_shell = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = subprocess.Popen(["bash", "-c", f"{record['serve']} --port {port}"], cwd=elsewhere, env=fresh_shell,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        metadata = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10)
+        assert metadata.status_code == 200, metadata.text
+        assert metadata.json()["model_version"] == first == record["model_version"]
+        assert not (elsewhere / ".btc").exists()  # the stores it used are the pipeline's, spelled out
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited by itself
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
