@@ -66,7 +66,7 @@ def _manifest_or_fail(data: Path):
     from btc.data.manifest import build_manifest, load_manifest, unreadable
 
     try:
-        manifest = load_manifest(data) if data.suffix == ".parquet" else build_manifest(data)
+        manifest = load_manifest(data) if data.is_file() else build_manifest(data)  # a file: a manifest or split
     except (DatasetLayoutError, ValueError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     bad = unreadable(manifest)
@@ -226,6 +226,9 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
     writable_folder(out_dir, "evaluation folder")
     if json_path:
         writable_file(json_path, "--json file")
+        if Path(out_dir).resolve().is_relative_to(Path(json_path).resolve()):
+            raise fail(f"--json {str(json_path)!r} is the evaluation folder (--out {str(out_dir)!r}) or holds it; "
+                       "give the JSON a file path of its own")
     if data is None and is_mlflow_uri(model):
         from btc.tracking.model_io import logged_split
 
@@ -239,6 +242,9 @@ def _evaluate(model: str, data: Path | None, split: str | None, out_dir: Path, j
             if not data.is_file():
                 raise fail("no --data given and no split.parquet beside the model; pass --data DIR")
         table = _manifest_or_fail(data)
+    if split in ("train", "val") and "split" not in table:
+        raise fail(f"--split {split}: {data} has no train/val split (a dataset folder or manifest); pass the split "
+                   ".parquet the model was trained with (a run folder's split.parquet)")
     try:
         rows = rows_to_evaluate(table, split if "split" in table else ("test" if split else None))
     except ValueError as err:
@@ -280,11 +286,15 @@ def _flag_against_training(rows, model: str, against: Path | None, max_distance:
     return rows
 
 
+EVAL_SPLITS = ("test", "val", "train", "all")
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI (models:/name@champion)")],
     data: Annotated[Optional[Path], typer.Option(help="dataset folder, manifest or split .parquet; default the run's split")] = None,
-    split: Annotated[str, typer.Option(help="which split of a split file to use ('all' for every readable image)")] = "test",
+    split: Annotated[str, typer.Option(help="which split of a split file to use: test, val, train or all (every "
+                                            "readable image); a folder or manifest has only its test images")] = "test",
     out: Annotated[Optional[Path], typer.Option(help="folder for metrics.json and plots")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the metrics JSON here")] = None,
     against: Annotated[Optional[Path], typer.Option(
@@ -296,6 +306,8 @@ def evaluate(
     """Evaluate a model: accuracy, per-class P/R/F1, ROC-AUC, ECE before/after temperature, plots."""
     from btc.predict import is_mlflow_uri
 
+    if split not in EVAL_SPLITS:
+        raise fail(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     local = not is_mlflow_uri(model)
     cfg = _config(config, set_, Path(model).parent / "config.yaml" if local else None)
     out_dir = out or (Path(model).parent / "evaluation" if local else Path("evaluation"))

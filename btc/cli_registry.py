@@ -76,7 +76,7 @@ def eval_rows_from(data: Path):
     if not data.exists():
         raise _fail(f"--data {str(data)!r} does not exist; pass a dataset folder or a split/manifest .parquet")
     try:
-        table = load_manifest(data) if data.suffix == ".parquet" else build_manifest(data, progress=False)
+        table = load_manifest(data) if data.is_file() else build_manifest(data, progress=False)
         return rows_to_evaluate(table, "test")
     except (ValueError, OSError) as err:
         raise _fail(f"--data {str(data)!r}: {err}") from None

@@ -205,8 +205,31 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _sections(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Dotted names of the config's sections (``train``, ``registry.gates``, ...), not of dict-valued settings."""
+    found = set()
+    for name, info in (model or Config).model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            found |= {f"{prefix}{name}"} | _sections(kind, f"{prefix}{name}.")
+    return found
+
+
+def _merge(into: dict, update: dict) -> dict:
+    for key, value in update.items():
+        into[key] = _merge(dict(into[key]), value) if isinstance(value, dict) and isinstance(into.get(key), dict) \
+            else value
+    return into
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``section.key=value`` overrides (values parsed as YAML) into a nested dict."""
+    """Set ``section.key=value`` overrides (values parsed as YAML) into a nested dict.
+
+    A mapping given for a whole section (``-s 'train={epochs: 3}'``) is merged into it: the
+    section's other settings stay as the file set them. A dict-valued setting (such as
+    ``registry.gates.min_tumour_recall``) is replaced whole.
+    """
+    sections = _sections()
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
@@ -214,6 +237,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        if ".".join(keys) in sections and isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+            value = _merge(dict(node[keys[-1]]), value)
         node[keys[-1]] = value
     return data
 

@@ -26,8 +26,11 @@ TRAIN_DISTANCE_BANDS = ((0, 40), (41, 48), (49, 56), (57, 64), (65, 256))
 
 
 def rows_to_evaluate(table: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
-    """Readable rows of a manifest or split to evaluate (``split`` None: all readable rows)."""
+    """Readable rows of a manifest or split to evaluate (``split`` None: all readable rows a split did not
+    exclude)."""
     rows = table[table["readable"]] if "readable" in table else table
+    if "split" in rows:  # excluded by the split (exact copies, label conflicts): never evaluated
+        rows = rows[rows["split"] != "excluded"]
     if split is not None and "split" in rows:
         rows = rows[rows["split"] == split]
     elif split is not None and "source_split" in rows and (rows["source_split"] == "test").any():

@@ -96,6 +96,19 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     assert "batch_size: 16" in (run / "config.yaml").read_text()
     res = invoke("evaluate", "--model", model, "--json", tmp_path)
     assert res.exit_code == 2 and f"--json file {str(tmp_path)!r} is a folder" in res.output
+    res = invoke("evaluate", "--model", model, "--out", tmp_path / "ev_z", "--json", tmp_path / "ev_z")
+    assert res.exit_code == 2 and "is the evaluation folder (--out" in res.output
+    assert not (tmp_path / "ev_z" / "metrics.json").exists()  # refused before any work
+    res = invoke("evaluate", "--model", model, "--split", "tset")
+    assert res.exit_code == 2 and "--split 'tset': expected one of test, val, train, all" in res.output
+    res = invoke("evaluate", "--model", model, "--data", synth_root, "--split", "train")
+    assert res.exit_code == 2 and "has no train/val split (a dataset folder or manifest)" in res.output
+    res = invoke("data", "split", synth_root, "--out", tmp_path / "mysplit.pq")  # no .parquet suffix
+    assert res.exit_code == 0, res.output
+    res = invoke("evaluate", "--model", model, "--data", tmp_path / "mysplit.pq", "--split", "val",
+                 "--out", tmp_path / "ev_pq", "--json", tmp_path / "pq.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "pq.json").read_text())["n_train_val_images"] > 0
     res = invoke("train", synth_root, "--out", model, "--no-track")
     assert res.exit_code == 2 and f"run folder {str(model)!r} exists and is not a folder" in res.output
     res = invoke("train", synth_root, "--out", run, "--resume", "--no-evaluate", "--no-track")
@@ -164,6 +177,17 @@ def test_train_refuses_a_used_run_folder_and_an_unusable_cache_and_keeps_weight_
         res = invoke("train", synth_root, "--out", tmp_path / "new", *tiny, "--arch", "resnet18",
                      "--init-weights", tmp_path / name)
         assert res.exit_code == 2 and str(tmp_path / name) in res.output and "does not exist" in res.output, res.output
+
+
+def test_a_mapping_for_a_whole_section_merges_into_it(tmp_path):
+    from btc.config import load_config
+
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 0.01\n  patience: 100\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train={epochs: 3}", "registry.gates={max_ece: 0.2}"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.patience) == (3, 0.01, 100)  # the file's settings stay
+    assert cfg.registry.gates.max_ece == 0.2 and cfg.registry.gates.min_macro_f1 == 0.80
+    floors = load_config(None, ["registry.gates.min_tumour_recall={glioma: 0.9}"]).registry.gates.min_tumour_recall
+    assert floors == {"glioma": 0.9}  # a dict-valued setting is replaced whole, as written
 
 
 @pytest.mark.parametrize("args", [["--help"], ["data", "--help"]])

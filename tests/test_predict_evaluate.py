@@ -126,6 +126,9 @@ def test_train_and_val_images_of_a_split_are_never_clean(predictor, synth_split)
     n_test = int((everything["split"] == "test").sum())
     clean_test = int((~everything.loc[everything["split"] == "test", "near_dup_in_train"]).sum())
     assert report["clean"]["n_images"] == clean_test and report["n_train_val_images"] == len(everything) - n_test
+    excluded = synth_split.copy()
+    excluded.loc[excluded.index[:2], "split"] = "excluded"  # an exact copy or a label conflict: never evaluated
+    assert len(rows_to_evaluate(excluded, None)) == len(rows_to_evaluate(synth_split, None)) - 2
     train = evaluate_predictor(predictor, rows_to_evaluate(synth_split, "train"))
     assert train["clean"] is None and "clean subset empty" in "\n".join(summary_lines(train))
 
