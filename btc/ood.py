@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from btc.data.images import seek_middle_frame
+from btc.data.images import dicom_colour_frame, seek_middle_frame
 
 # Modes whose pixels carry no colour: their saturation is 0 by definition.
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -71,13 +71,17 @@ def colour_saturation(data: bytes, mode: str) -> float:
     on files that :func:`btc.data.images.decode_gray` has already accepted.
 
     Args:
-        data: the file's bytes (JPEG, PNG or another PIL format; DICOM counts as grey).
+        data: the file's bytes (JPEG, PNG, DICOM or another PIL format).
         mode: the PIL mode the header declared (``ImageInfo.mode``).
 
     Returns:
-        0 for grey modes and DICOM; otherwise the mean chroma of the reduced copy.
+        0 for grey modes and grey DICOM; otherwise the mean chroma (of a reduced copy, or of a colour
+        DICOM's middle frame).
     """
-    if mode in _GREY_MODES or data[128:132] == b"DICM":
+    if data[128:132] == b"DICM":  # a colour DICOM (a secondary capture, Doppler) is colour too
+        rgb = dicom_colour_frame(data) if mode == "RGB" else None
+        return 0.0 if rgb is None else float((rgb.max(axis=-1) - rgb.min(axis=-1)).mean())
+    if mode in _GREY_MODES:
         return 0.0
     with Image.open(io.BytesIO(data)) as image:
         seek_middle_frame(image)  # the frame that is classified

@@ -316,6 +316,38 @@ def test_multi_frame_colour_and_monochrome1_dicom(tmp_path):
     assert info.mode == "L" and gray[0, 0] > gray[0, -1]  # MONOCHROME1: low values display bright
 
 
+def test_a_few_hot_pixels_do_not_darken_a_16_bit_slice_as_in_dicom(tmp_path):
+    """16-bit and float images use the same percentile window as DICOM: one saturated pixel costs nothing."""
+    ramp = np.tile(np.linspace(0, 4000, 64), (64, 1)).astype(np.uint16)
+    ramp[0, 0] = 65535  # a hot pixel
+    Image.fromarray(ramp).save(tmp_path / "hot.png")
+    gray = decode_gray(tmp_path / "hot.png")[0]
+    assert len(np.unique(gray)) == 64 and np.sort(gray.ravel())[-65] > 200  # the ramp's 64 levels, spread out
+    as_dicom = decode_gray(_write_dicom_frames(tmp_path / "hot.dcm", ramp, "MONOCHROME2"))[0]
+    assert np.abs(gray.astype(int) - as_dicom.astype(int)).max() <= 1  # one rule, whatever the container
+
+
+def test_see_through_pixels_are_the_black_background_whatever_lies_under_them(synth_root, tmp_path):
+    slice_ = np.asarray(Image.open(sorted((synth_root / "Testing" / "glioma").iterdir())[0]).convert("L"))
+    alpha = np.where(slice_ > 20, 255, 0).astype(np.uint8)  # the background made fully transparent
+    decoded = []
+    for under in (0, 255):
+        hidden = np.where(alpha == 0, under, slice_).astype(np.uint8)
+        Image.fromarray(np.dstack([hidden] * 3 + [alpha]), "RGBA").save(tmp_path / f"rgba_{under}.png")
+        Image.fromarray(np.dstack([hidden, alpha]), "LA").save(tmp_path / f"la_{under}.png")
+        decoded += [decode_gray(tmp_path / f"rgba_{under}.png")[0], decode_gray(tmp_path / f"la_{under}.png")[0]]
+    assert all(np.array_equal(decoded[0], d) for d in decoded[1:])
+    assert decoded[0][alpha == 0].max() == 0
+
+
+def test_every_supported_mode_decodes():
+    from btc.data.images import SUPPORTED_MODES, gray_of_pil
+
+    for mode in SUPPORTED_MODES:
+        gray = gray_of_pil(Image.new(mode, (8, 6)))
+        assert gray.shape == (6, 8) and gray.dtype == np.uint8, mode
+
+
 def test_a_deflated_dicom_is_bounded_before_it_is_inflated(tmp_path):
     """Deflated DICOM is inflated whole on opening: 20 frames of zeros deflate ~1000:1 and must be refused first."""
     frames = np.zeros((20, 300, 300), np.uint8)

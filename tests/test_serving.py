@@ -114,6 +114,24 @@ def test_colour_saturation_is_zero_for_grey_files_and_high_for_colour():
     assert colour_saturation(encode(grey[..., 0]), "L") == 0.0
     assert colour_saturation(encode(grey), "RGB") < 0.02  # grey content stored as RGB
     assert colour_saturation(encode(colour_photo()), "RGB") > 0.15
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def dicom(pixels: np.ndarray) -> bytes:  # the same picture as a colour DICOM (a secondary capture, say)
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+        ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.Rows, ds.Columns = pixels.shape[:2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert colour_saturation(dicom(colour_photo()), "RGB") > 0.15
+    assert colour_saturation(dicom(grey), "RGB") < 0.02
     # a stack is judged by its middle frame, the one the model classifies
     colour, gray = Image.fromarray(colour_photo()), Image.fromarray(grey)
     for order, expect_colour in (([colour, gray, gray], False), ([gray, colour, gray], True)):

@@ -28,7 +28,7 @@ SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
                    "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_MAX_PIXELS = 40_000_000
 # Bumped whenever the same bytes would decode to other pixels; part of the decoded cache's key.
-DECODER_VERSION = 3
+DECODER_VERSION = 4
 
 
 class ImageDecodeError(ValueError):
@@ -104,7 +104,9 @@ def _check_inflated_size(data: bytes, max_bytes: int) -> None:
         raise ImageDecodeError(f"deflated DICOM inflates to more than {max_bytes} bytes, over the limit")
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
+def _dicom_middle_frame(data: bytes, max_pixels: int):
+    """``(dataset, rows, cols, frames, samples, pixels)``: the middle frame only, ``[rows, cols(, samples)]``,
+    its size checked from the header before any pixel is decoded."""
     import pydicom
 
     _check_inflated_size(data, 4 * max_pixels + 2**20)  # room for 4 bytes a pixel and the other elements
@@ -115,14 +117,33 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
         raise ImageDecodeError(f"not a readable DICOM image ({type(err).__name__}: {err})") from None
     if rows * cols > max_pixels:
         raise ImageDecodeError(f"image is {cols}x{rows} = {rows * cols} pixels, over the limit of {max_pixels}")
-    from pydicom.pixels import apply_modality_lut, pixel_array
+    from pydicom.pixels import pixel_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-        # only the middle frame is decoded: [rows, cols(, samples)], however many frames the file holds
         raw = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
+    except Exception as err:  # pydicom raises many types for broken pixel data
+        raise ImageDecodeError(f"DICOM pixel data cannot be decoded ({err})") from None
+    return ds, rows, cols, frames, samples, raw
+
+
+def dicom_colour_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """The middle frame of a colour DICOM as RGB in [0, 1] (None for a grey one): what the OOD colour test reads."""
+    ds, _, _, _, samples, raw = _dicom_middle_frame(data, max_pixels)
+    if samples < 3:
+        return None
+    rgb = np.asarray(raw, dtype=np.float64)[..., :3]
+    top = float(2 ** int(getattr(ds, "BitsStored", 8) or 8) - 1)
+    return np.clip(rgb / top, 0, 1)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
+    from pydicom.pixels import apply_modality_lut
+
+    ds, rows, cols, frames, samples, raw = _dicom_middle_frame(data, max_pixels)
+    try:
         # the modality LUT (RescaleSlope/Intercept): a negative slope reverses which tissue is bright
         pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     except Exception as err:  # pydicom raises many types for broken pixel data
@@ -136,11 +157,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
             f"{frames} frames, {samples} samples per pixel)")
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         pixels = -pixels  # MONOCHROME1: the lowest value is displayed white
-    lo, hi = np.percentile(pixels, [0.5, 99.5])
-    scaled = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     bits = int(getattr(ds, "BitsAllocated", 16) or 16)
     mode = "RGB" if samples > 1 else ("L" if bits <= 8 else "I;16")
-    return scaled.astype(np.uint8), ImageInfo("DICOM", cols, rows, mode)
+    return _stretch(pixels), ImageInfo("DICOM", cols, rows, mode)
 
 
 def decode_gray(
@@ -230,6 +249,9 @@ def _upright(im: Image.Image) -> Image.Image:
         raise ImageDecodeError(f"cannot read this image's EXIF orientation ({type(err).__name__}: {err})") from None
 
 
+_ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
+
+
 def gray_of_pil(im: Image.Image) -> np.ndarray:
     """A decoded PIL image as 2-D uint8 grayscale: 16/32-bit integers and floats are stretched, not clipped.
 
@@ -240,6 +262,12 @@ def gray_of_pil(im: Image.Image) -> np.ndarray:
         raise ImageDecodeError(f"unsupported image mode {im.mode!r}; supported: {', '.join(SUPPORTED_MODES)}")
     if im.mode == "F" or im.mode.startswith("I"):  # 16- and 32-bit integers, floats: stretched to 8 bits
         gray = _stretch(np.asarray(im, dtype=np.float64))
+    elif im.mode in ("LAB", "La"):  # lightness; La's premultiplied L is already the image over black
+        gray = np.asarray(im.getchannel(0), dtype=np.uint8)
+    elif im.mode in _ALPHA_MODES or "transparency" in im.info:  # what is see-through is the black background
+        rgba = im.convert("RGBA")
+        gray = np.asarray(Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), rgba).convert("L"),
+                          dtype=np.uint8)
     else:
         try:
             gray = np.asarray(im.convert("L"), dtype=np.uint8)
@@ -251,7 +279,9 @@ def gray_of_pil(im: Image.Image) -> np.ndarray:
 
 
 def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Min-max to uint8 (the network standardises each image, so a linear map loses nothing but precision).
+    """More than 8 bits (16/32-bit integers, floats, DICOM) to uint8: the 0.5th to 99.5th percentile
+    mapped linearly onto 0..255, the rest clipped, so that a few hot or dead pixels do not turn the
+    slice black (the network standardises each image, so a linear map loses nothing but precision).
 
     In float64, so that a float32 image spanning -3e38..3e38 does not overflow.
 
@@ -259,8 +289,8 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
         ImageDecodeError: NaN or infinite values (one would blank the whole image).
     """
     arr = _finite(np.asarray(arr, dtype=np.float64))
-    lo, hi = float(arr.min()), float(arr.max())
-    return ((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    return (np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
 def gray_of(image: "bytes | str | Path | Image.Image | np.ndarray") -> np.ndarray:
