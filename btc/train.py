@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from btc.metrics import macro_f1
@@ -60,9 +61,11 @@ def train_one_epoch(
     desc: str = "train",
     amp: bool = True,
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss, accuracy, images/s and seconds."""
+    """One pass over ``batches``; returns mean loss, accuracy, images/s, seconds and the learning rate of
+    its last step."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress)
     for images, labels in bar:
         x = _to_device(train_transform(images.to(device), augment), device)
@@ -78,6 +81,7 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on)
         if scheduler is not None:
             scheduler.step()
         n = len(y)
@@ -87,7 +91,7 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-            "images_per_s": seen / seconds, "seconds": seconds}
+            "images_per_s": seen / seconds, "seconds": seconds, "lr": lr}
 
 
 @torch.no_grad()
@@ -105,10 +109,14 @@ def predict_logits(model: nn.Module, batches: Batches, device: torch.device, *,
 
 def evaluate_batches(model: nn.Module, batches: Batches, device: torch.device, loss_fn: nn.Module, *,
                      amp: bool = True) -> dict[str, float]:
-    """Validation loss, accuracy and macro-F1."""
+    """Validation loss, accuracy and macro-F1.
+
+    The loss is ``loss_fn``'s label smoothing without its class weights: a weighted mean over a
+    validation set of classes training lacks (weight 0) would be 0/0, a false "diverged".
+    """
     logits, labels = predict_logits(model, batches, device, amp=amp)
-    # On the model's device: a class-weighted loss keeps its weights there.
-    loss = loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device)).item()
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
+                           label_smoothing=float(getattr(loss_fn, "label_smoothing", 0.0))).item()
     pred = logits.argmax(1)
     return {"loss": loss, "accuracy": float((pred == labels).mean()), "macro_f1": macro_f1(labels, pred, logits.shape[1])}
 
@@ -117,8 +125,12 @@ def save_checkpoint(path: Path, **state) -> Path:
     """Write a checkpoint atomically (a crash never leaves a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -214,11 +226,11 @@ def fit(
         va = evaluate_batches(model, val_batches, device, loss_fn, amp=amp)
         if not math.isfinite(va["loss"]):  # the weights broke (a skipped mixed-precision step alone does not)
             raise ValueError(f"training diverged in epoch {epoch} (train loss {tr['loss']}, validation loss "
-                             f"{va['loss']}); lower the learning rate (train.lr) or the weight decay (train.weight_decay)"
-                             + (f"; {last} holds the last good epoch" if last.is_file() else ""))
+                             f"{va['loss']}); train again into a new folder (--out NEW) with a lower learning rate "
+                             "(train.lr) or weight decay (train.weight_decay): resuming this run repeats its settings")
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_f1": va["macro_f1"],
-               "lr": optimizer.param_groups[0]["lr"], "images_per_s": tr["images_per_s"], "seconds": tr["seconds"]}
+               "lr": tr["lr"], "images_per_s": tr["images_per_s"], "seconds": tr["seconds"]}
         history.append(row)
         if va["macro_f1"] > best:
             best, since_best = va["macro_f1"], 0

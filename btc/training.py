@@ -191,9 +191,18 @@ def train_model(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool
     cfg.save(out_dir / "config.yaml")
     split.to_parquet(out_dir / "split.parquet", index=False)
     seed_everything(cfg.train.seed)
+    threads_before = torch.get_num_threads()  # a process-wide setting: restored for whatever runs next
     if cfg.train.threads:
         torch.set_num_threads(cpu_threads(cfg.train.threads))
+    try:
+        return _train(cfg, split, out_dir, resume=resume, resuming=resuming, progress=progress, device=device,
+                      cache_dir=cache_dir, start=start)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def _train(cfg: Config, split: pd.DataFrame, out_dir: Path, *, resume: bool, resuming: bool, progress: bool,
+           device: torch.device, cache_dir: Path, start: float) -> TrainResult:
     x_train, y_train = split_arrays(split, "train", cfg, cache_dir, progress)
     x_val, y_val = split_arrays(split, "val", cfg, cache_dir, progress)
     weights = class_weights(y_train)

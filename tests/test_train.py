@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from btc.config import load_config
 from btc.data.loaders import ArrayBatches
 from btc.models import ARCHS, build_model
 from btc.train import fit, predict_logits, resolve_device, train_one_epoch
-from btc.training import lr_schedule, min_epochs_of
+from btc.training import lr_schedule, min_epochs_of, train_model
 from btc.transforms import Augment, preprocess, train_transform
 
 
@@ -387,9 +388,50 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     x, y = _toy_batches()
     model = build_model(width=8)
     opt = torch.optim.SGD(model.parameters(), lr=1e12)
-    with pytest.raises(ValueError, match=r"training diverged in epoch 1 .*lower the learning rate \(train.lr\) or the weight decay"):
+    with pytest.raises(ValueError, match=r"training diverged in epoch 1 .*train again into a new folder \(--out NEW\) "
+                                         r"with a lower learning rate \(train.lr\) or weight decay") as stopped:
         fit(model, ArrayBatches(x, y, 16, shuffle=True), ArrayBatches(x, y, 32), opt, torch.device("cpu"), epochs=3,
             loss_fn=nn.CrossEntropyLoss(), augment=Augment(), checkpoint_dir=tmp_path, progress=False)
+    assert "last.pt" not in str(stopped.value)  # resuming would repeat the same settings, and diverge again
+
+
+def test_history_records_the_learning_rate_each_epoch_ended_with(tmp_path):
+    x, y = _toy_batches(n=32)
+    model = build_model(width=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = fit(model, ArrayBatches(x, y, 16, shuffle=True, drop_last=True), ArrayBatches(x, y, 32), opt,
+                  torch.device("cpu"), epochs=2, loss_fn=nn.CrossEntropyLoss(), augment=Augment(),
+                  checkpoint_dir=tmp_path, scheduler=lr_schedule(opt, 3e-3, 4), progress=False)
+    assert history[0]["lr"] == pytest.approx(3e-3)  # the peak of the one-cycle warm-up (steps 1-2)
+    assert history[-1]["lr"] < 1e-6  # annealed to almost nothing at its last step, not the schedule's next
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_validation_class_that_training_lacks_is_no_divergence(tiny_config, synth_split, tmp_path):
+    glioma, split = synth_split["label"] == "glioma", synth_split["split"]
+    lacking = synth_split[((split == "train") & ~glioma) | ((split == "val") & glioma) | (split == "test")]
+    result = train_model(tiny_config, lacking, tmp_path / "run", progress=False)  # class-weighted by default
+    assert all(np.isfinite(h["val_loss"]) for h in result.history)
+
+
+def test_train_threads_are_restored_for_whatever_runs_next(tiny_config, synth_split, tmp_path):
+    before = torch.get_num_threads()
+    one = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"threads": 1, "epochs": 1})})
+    train_model(one, synth_split, tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from btc.train import save_checkpoint
+
+    def write_then_interrupt(state, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "last.pt", epoch=1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_init_weights_files_btc_writes_and_files_that_do_not_fit(tmp_path, trained_run):
