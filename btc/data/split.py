@@ -13,8 +13,9 @@ Here:
 4. clusters are assigned greedily, largest first, to the split furthest below its share of
    the cluster's majority class, so every split is stratified by class;
 5. where the data came with its own Testing folder, that split is kept as the test set and
-   test images with a near duplicate in train or validation are flagged
-   (``near_dup_in_train``) so evaluation can report the clean subset separately;
+   test images with a near duplicate in training are flagged (``near_dup_in_train``) so
+   evaluation can report the clean subset separately; the clusters holding those near copies
+   are kept in train, never in validation (which chooses the epoch and fits the temperature);
 6. every test image gets ``train_distance``, the bits to its nearest train or validation
    image, so evaluation can show how accuracy depends on closeness to training.
 
