@@ -233,3 +233,12 @@ def test_cli_train_tracks_by_default(tmp_path, synth_split):
     run_id = res.output.split("MLflow run ", 1)[1].split()[0]
     run = store.client().get_run(run_id)
     assert "test_macro_f1" in run.data.metrics and run.data.params["train.epochs"] == "1"
+
+
+def test_the_model_card_says_how_a_given_test_folder_was_split(synth_split):
+    from btc.tracking.run_logging import describe_dataset
+
+    given = describe_dataset(synth_split)["split_method"]  # the fixture has its own Testing folder
+    assert "own test folder kept whole as the test split" in given and "near_dup_in_train" in given
+    flat = synth_split.assign(source_split="")
+    assert describe_dataset(flat)["split_method"].endswith("near-duplicate clusters kept within one split")

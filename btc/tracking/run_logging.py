@@ -81,8 +81,19 @@ def describe_dataset(split_df: pd.DataFrame) -> dict:
         "n_files": int(len(split_df)),
         "class_counts": class_counts(split_df),
         "root": os.path.commonpath(list(paths)) if len(paths) else "",
-        "split_method": "leakage-free: exact duplicates dropped, near-duplicate clusters kept within one split",
+        "split_method": split_method(split_df),
     }
+
+
+def split_method(split_df: pd.DataFrame) -> str:
+    """How the split was made, in words (the model card's): a dataset's own test folder changes what holds."""
+    method = "leakage-free: exact duplicates dropped, near-duplicate clusters kept within one split"
+    given_test = {"source_split", "split"} <= set(split_df.columns) and bool(
+        ((split_df["source_split"] == "test") & (split_df["split"] == "test")).any())
+    if given_test:
+        method += (" of train and val; the dataset's own test folder kept whole as the test split, its images with a "
+                   "near duplicate in training flagged (near_dup_in_train) and reported apart as not clean")
+    return method
 
 
 def find_requirements_lock() -> Path | None:
