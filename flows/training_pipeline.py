@@ -16,7 +16,10 @@ Steps, each one task of :mod:`flows.tasks`:
    :mod:`flows.service` for how the running service picks the new champion up) and
    ``monitoring-reference`` from the validation split, the reference drift is measured against.
 
-Every output of a run goes to ``<output_dir>/<time>-<flow run name>/``. Artifacts: the
+Every output of a run goes to ``<output_dir>/<time>-<flow run name>/``, except the decoded-image
+cache shared by runs (``<output_dir>/cache``) and, when promoted, ``$BTC_HOME/serving.json`` and the
+monitoring reference. If a step after the promotion fails, the error says the champion has moved
+and how to finish or undo it. Artifacts: the
 validation table and Data Docs link, the training summary (metrics, gates, decision, links),
 links to the MLflow run and the evaluation report. A failure raises
 :class:`PipelineStepError` whose message starts with the step that failed.
@@ -24,6 +27,7 @@ links to the MLflow run and the evaluation report. A failure raises
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,13 +97,22 @@ def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str,
     # This run's version is champion: promoted now, or by an earlier try of this task whose alias move
     # succeeded before it failed (the retry then finds "already champion"); either way it needs serving.
     if promotion.champion_after == version:
-        with step("deploy-service"):
-            paths["serving_record"] = tasks.deploy_service(name, version, run_id, build_bento)["record"]
-        with step("monitoring-reference"):
-            champion = tasks.load_model(f"models:/{name}/{version}")
-            paths["monitoring_reference"] = str(tasks.build_monitoring_reference(
-                champion, rows_to_evaluate(split, "val"), reference_dir_of(cfg),
-                f"validation split of MLflow run {run_id}", cfg.monitoring.pca_components))
+        try:
+            with step("deploy-service"):
+                paths["serving_record"] = tasks.deploy_service(name, version, run_id, build_bento)["record"]
+            with step("monitoring-reference"):
+                champion = tasks.load_model(f"models:/{name}/{version}")
+                paths["monitoring_reference"] = str(tasks.build_monitoring_reference(
+                    champion, rows_to_evaluate(split, "val"), reference_dir_of(cfg),
+                    f"validation split of MLflow run {run_id}", cfg.monitoring.pca_components))
+        except PipelineStepError as err:  # the alias has moved: say so, and how to finish or undo it
+            was = f"v{promotion.champion_before}" if promotion.champion_before else "none"
+            pinned = shlex.quote(f"models:/{name}/{version}")
+            raise PipelineStepError(
+                f"{err}. The champion of {name!r} is already v{version} (was {was}), but serving.json and the "
+                f"monitoring reference may still describe the previous one. Undo: btc registry rollback --name "
+                f"{shlex.quote(name)}; or fix the cause, serve it (btc serve --model {pinned}) and rebuild the "
+                f"reference (btc monitor-reference {pinned})") from err
     return version, promotion, paths
 
 

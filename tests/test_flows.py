@@ -125,6 +125,22 @@ def test_pipeline_registers_gates_deploys_and_publishes(promoted, tiny_data, mon
     assert json.loads(Path(summary["paths"]["serving_record"]).read_text())["model_version"] == "1"
 
 
+def test_a_failure_after_the_promotion_says_the_champion_moved_and_how_to_undo_it(prefect_server, tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    from flows.training_pipeline import PipelineStepError, training_pipeline
+
+    use(monkeypatch, stores(tmp_path))
+    monkeypatch.setenv("BTC_HOME", str(tmp_path / "a_file"))  # serving.json cannot be written under it
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PipelineStepError) as failed:
+        training_pipeline(str(tiny_data), overrides=overrides(tmp_path, *LENIENT))
+    message = str(failed.value)
+    assert message.startswith("step 'deploy-service' failed: ")
+    assert "The champion of 'btc-classifier' is already v1 (was none)" in message
+    assert "btc registry rollback --name btc-classifier" in message and "btc monitor-reference models:/btc-classifier/1" in message
+    assert aliases(MlflowClient())["champion"] == "1"
+
+
 def test_invalid_data_stops_before_training(prefect_server, tiny_data, tmp_path):
     import shutil
 
