@@ -84,13 +84,13 @@ def serve_environment(model: str, *, workers: int, api_key_env: str, config: Pat
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: expected 1 or more")
-    threads = (os.environ if base is None else base).get("BTC_TORCH_THREADS", "").strip()
-    if threads and not (threads.isdigit() and int(threads) >= 1):  # else the model worker dies and restarts for ever
-        raise ValueError(f"BTC_TORCH_THREADS={threads!r}: expected a whole number of threads, 1 or more (or unset "
-                         "for torch's default)")
     if config is not None and not Path(config).is_file():
         raise ValueError(f"config file {str(config)!r} does not exist")
     env = dict(os.environ if base is None else base)
+    threads = env.get("BTC_TORCH_THREADS", "").strip()
+    if threads and not (threads.isdigit() and int(threads) >= 1):  # else the model worker dies and restarts for ever
+        raise ValueError(f"BTC_TORCH_THREADS={threads!r}: expected a whole number of threads, 1 or more (or unset "
+                         "for torch's default)")
     is_uri = model.startswith(("models:/", "runs:/"))
     env["BTC_MODEL_URI"] = model if is_uri else str(Path(model).resolve())
     env["BTC_API_WORKERS"] = str(workers)

@@ -40,7 +40,7 @@ import pandas as pd
 
 from btc.config import ValidationConfig
 from btc.data.manifest import phash_words
-from btc.data.split import SPLITS, pairs_within
+from btc.data.split import SPLITS, given_test_rows, pairs_within
 from btc.data.stats import load_reference, statistics_frame
 from btc.labels import CLASSES
 
@@ -258,8 +258,7 @@ def validation_frame(
     # A dataset's own Testing images stay its test set, and the split marks those with a near copy in
     # training (near_dup_in_train) so evaluation reports them apart: a declared overlap, reported by its
     # own expectation (a warning by default), not an undeclared leak.
-    given_test = (df["source_split"].astype(str) == "test") & (splits == "test") if "split" in df \
-        else pd.Series(False, index=df.index)
+    given_test = given_test_rows(df)
     distinct = ~df["sha256"].where(readable).duplicated()
     used = readable & (splits.isin(SPLITS) if "split" in df else distinct)
     frame = pd.DataFrame({

@@ -189,6 +189,14 @@ def split_without_leakage(
     return df
 
 
+def given_test_rows(split: pd.DataFrame) -> pd.Series:
+    """Rows of a dataset's own Testing folder kept as its test split (their near copies of training images
+    are flagged ``near_dup_in_train``, not moved); all False for a manifest or a split btc made itself."""
+    if not {"source_split", "split"} <= set(split.columns):
+        return pd.Series(False, index=split.index)
+    return (split["source_split"].astype(str) == "test") & (split["split"] == "test")
+
+
 def _require_images_per_class(df: pd.DataFrame, usable: np.ndarray) -> None:
     """Stop, naming the class, when a class (or the whole dataset) has no image left to split."""
     counts = df.loc[usable, "label"].value_counts()

@@ -35,6 +35,7 @@ from mlflow.entities import Metric
 
 from btc.config import Config, flatten_config
 from btc.data.manifest import manifest_digest
+from btc.data.split import given_test_rows
 from btc.predict import Predictor
 from btc.tracking import store
 from btc.tracking.model_io import build_model_card, log_model, model_card_markdown
@@ -88,9 +89,7 @@ def describe_dataset(split_df: pd.DataFrame) -> dict:
 def split_method(split_df: pd.DataFrame) -> str:
     """How the split was made, in words (the model card's): a dataset's own test folder changes what holds."""
     method = "leakage-free: exact duplicates dropped, near-duplicate clusters kept within one split"
-    given_test = {"source_split", "split"} <= set(split_df.columns) and bool(
-        ((split_df["source_split"] == "test") & (split_df["split"] == "test")).any())
-    if given_test:
+    if given_test_rows(split_df).any():
         method += (" of train and val; the dataset's own test folder kept whole as the test split, its images with a "
                    "near duplicate in training flagged (near_dup_in_train) and reported apart as not clean")
     return method
