@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,31 @@ def test_serving_benchmark_never_writes_the_callers_prediction_log(trained_run, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "BentoML service" in done.stdout and "FastAPI baseline" in done.stdout
     assert not users_log.exists()
+
+
+def test_variants_benchmark_trains_each_variant_on_one_split_and_reports_val_and_test(synth_root, tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    out = run_script("variants.py", str(synth_root), "-s", "data.image_size=64", "-s", "train.epochs=1",
+                     "--variant", "base", "--variant", "narrow=model.width=8 train.batch_size=16",
+                     "--out", str(tmp_path / "runs"), "--jsonl", str(jsonl))
+    rows = table_rows(out)
+    assert [r[:2] for r in rows] == [["base", "(none)"], ["narrow", "model.width=8 train.batch_size=16"]]
+    for row in rows:
+        assert row[2] == "1 (1)" and all(0 <= float(v) <= 1 for v in row[5:8]) and row[9] == "n/a"
+    assert [json.loads(line)["variant"] for line in jsonl.read_text().splitlines()] == ["base", "narrow"]
+    assert all((tmp_path / "runs" / name / "model.pt").is_file() for name in ("base", "narrow"))
+    again = _refused("variants.py", str(synth_root), "--variant", "narrow", "--out", str(tmp_path / "runs"))
+    assert again.returncode != 0 and "variant 'narrow'" in again.stderr and "already holds a run" in again.stderr
+    skipped = run_script("variants.py", str(synth_root), "--variant", "late", "--time-budget", "0.001")
+    assert table_rows(skipped) == [["late", "", "skipped: past --time-budget", "", "", "", "", "", "", ""]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "a='data={seed: 3}'"], "variant 'a' changes data.seed: variants share one split"),
+    (["--variant", "a", "--variant", "a"], "variant names must differ: a"),
+    (["--variant", "a=model.widht=3"], "variant 'a': invalid config: model.widht"),
+    (["--variant", "=x"], "a variant starts with a name"),
+])
+def test_variants_benchmark_refuses_bad_variants_before_training(synth_root, args, message):
+    done = _refused("variants.py", str(synth_root), *args)
+    assert done.returncode != 0 and message in done.stderr
