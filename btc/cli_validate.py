@@ -40,6 +40,7 @@ def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) ->
         raise _error(f"{data_dir} is not a valid dataset: {err}", 1) from None
     for row in unreadable(manifest).itertuples():  # files_readable names some; here is every one and why
         typer.secho(f"unreadable file {row.path}: {row.error}", fg=typer.colors.YELLOW, err=True)
+    _name_label_conflicts(manifest)
     if not split:
         return manifest
     d = data_config
@@ -48,6 +49,18 @@ def _dataset_frame(data_dir: Path, data_config, *, split: bool, workers: int) ->
                                      near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
     except ValueError as err:  # no usable image at all, or a class with none
         raise _error(f"{data_dir} cannot be split: {err}", 1) from None
+
+
+def _name_label_conflicts(manifest: pd.DataFrame) -> None:
+    """Every file whose bytes are also filed under another class (no_label_conflicts names some)."""
+    from btc.validation import label_conflicts
+
+    sha256 = manifest["sha256"].astype(str).where(manifest["readable"].astype(bool))
+    conflicting = manifest[label_conflicts(manifest["label"].astype(str), sha256).to_numpy()]
+    for sha, rows in conflicting.groupby("sha256", sort=False):
+        filed = ", ".join(f"{path} ({label})" for path, label in zip(rows["path"], rows["label"]))
+        typer.secho(f"label conflict, the same image under {rows['label'].nunique()} classes: {filed}",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 def _dataset_summary(frame: pd.DataFrame) -> list[str]:
@@ -59,10 +72,15 @@ def _dataset_summary(frame: pd.DataFrame) -> list[str]:
         "classes: " + ", ".join(f"{c} {counts[c]} ({shares[c]:.1%})" for c in counts.index),
     ]
     if "split" in frame:
+        train = frame.loc[frame["split"] == "train", "label"].value_counts()
+        lines.append("train split: " + ", ".join(f"{c} {train.get(c, 0)} ({train.get(c, 0) / max(train.sum(), 1):.1%})"
+                                                 for c in counts.index))
         split_counts = frame["split"].value_counts()
         duplicates = int(frame["excluded_reason"].str.startswith("exact duplicate").sum())
+        conflicts = int(frame["excluded_reason"].str.startswith("label conflict").sum())
         counts_text = ", ".join(f"{s} {split_counts.get(s, 0)}" for s in ("train", "val", "test", "excluded"))
-        lines.append(f"split: {counts_text} ({duplicates} exact duplicates excluded)")
+        lines.append(f"split: {counts_text} ({duplicates} exact duplicates, {conflicts} label conflicts, "
+                     f"{int((frame['split'] == 'excluded').sum()) - duplicates - conflicts} unreadable excluded)")
         lines.append(f"test images with a near duplicate in train/val: {int(frame['near_dup_in_train'].sum())}")
     return lines
 

@@ -131,7 +131,8 @@ def _loader_modes() -> list[str]:
 
 
 class ValidationConfig(_Section):
-    min_class_share: float = Field(0.10, ge=0, le=0.25, description="smallest share of the images any class may have")
+    min_class_share: float = Field(0.10, ge=0, le=0.25,
+                                   description="smallest share of the training images any class may have")
     min_side_px: int = Field(64, ge=1, description="smallest width and height accepted")
     max_side_px: int = Field(4096, ge=1, description="largest width and height accepted")
     allowed_modes: list[str] = Field(default_factory=_loader_modes, description="PIL modes accepted (those the loader decodes)")
@@ -140,9 +141,11 @@ class ValidationConfig(_Section):
     )
     reference: Path | None = Field(None, description="statistics reference JSON; default expectations/reference_stats.json")
     warn_only: list[str] = Field(
-        default_factory=lambda: ["no_exact_duplicates_within_source_split", "given_test_has_no_near_copies_of_training"],
-        description="expectations reported as warnings, not failures (the splitter drops exact copies itself, and "
-                    "marks the dataset's own test images that have a near copy in training)",
+        default_factory=lambda: ["no_exact_duplicates_within_source_split", "given_test_has_no_near_copies_of_training",
+                                 "no_label_conflicts"],
+        description="expectations reported as warnings, not failures (the splitter drops exact copies and copies "
+                    "filed under two classes itself, and marks the dataset's own test images that have a near "
+                    "copy in training)",
     )
 
     @model_validator(mode="after")

@@ -226,15 +226,29 @@ def leaks_across_splits(splits: pd.Series, phashes: pd.Series, max_distance: int
     return flags
 
 
-def _label_share(labels: pd.Series, used: pd.Series) -> pd.Series:
-    """Share of each used row's class among the used rows with a known class (NaN for the rest).
+def _label_share(labels: pd.Series, training: pd.Series) -> pd.Series:
+    """Share of each row's class among the training rows with a known class (0 for a class with none;
+    NaN for a row of an unknown class, left to ``labels_known``).
 
-    Used rows are those training would see: readable, and in a split (or, in a manifest, the
-    first of each set of identical files), so copies cannot prop up a class that is short of images.
+    Training rows are those training would see: readable, in the train split (in a manifest, the first
+    of each set of identical files in the Training folder), so neither test images nor copies can prop
+    up a class that is short of training images, and a class all of whose files are unusable scores 0.
     """
-    known = labels[used & labels.isin(CLASSES)]
-    shares = known.value_counts(normalize=True)
-    return labels.map(shares).where(used).astype(float)
+    shares = labels[training & labels.isin(CLASSES)].value_counts(normalize=True)
+    return labels.map(shares).fillna(0.0).where(labels.isin(CLASSES)).astype(float)
+
+
+def _class_missing_from_a_split(labels: pd.Series, splits: pd.Series, used: pd.Series) -> pd.Series:
+    """True for each row of a known class that has no used image in train, val or test."""
+    present = {(label, split) for label, split in zip(labels[used], splits[used])}
+    missing = {c for c in CLASSES if any((c, s) not in present for s in SPLITS)}
+    return labels.isin(missing)
+
+
+def label_conflicts(labels: pd.Series, sha256: pd.Series) -> pd.Series:
+    """True for each readable file whose bytes are also filed under another class."""
+    classes_of = labels.groupby(sha256).nunique()
+    return sha256.map(classes_of).gt(1).fillna(False).astype(bool)
 
 
 def validation_frame(
@@ -259,19 +273,31 @@ def validation_frame(
     # training (near_dup_in_train) so evaluation reports them apart: a declared overlap, reported by its
     # own expectation (a warning by default), not an undeclared leak.
     given_test = given_test_rows(df)
-    distinct = ~df["sha256"].where(readable).duplicated()
-    used = readable & (splits.isin(SPLITS) if "split" in df else distinct)
+    # unread bytes are no image: no hash, no copy (a zero-byte or truncated file has a sha256 all the same)
+    sha256 = df["sha256"].astype(str).where(readable & (df["sha256"].astype(str) != ""))
+    labels = df["label"].astype(str)
+    if "split" in df:
+        used = readable & splits.isin(SPLITS)
+        training = used & (splits == "train")
+        missing = _class_missing_from_a_split(labels, splits, used)
+    else:  # the folders as delivered: training would read the first of each set of copies in Training/
+        used = readable & ~sha256.duplicated()
+        source = df["source_split"].astype(str)
+        training = used & (source == "train") if (source == "train").any() else used
+        missing = pd.Series(False, index=df.index)  # nothing is split yet
     frame = pd.DataFrame({
         "path": df["path"].astype(str),
-        "label": df["label"].astype(str),
-        "label_share": _label_share(df["label"].astype(str), used),
+        "label": labels,
+        "label_share": _label_share(labels, training),
+        "class_missing_from_a_split": missing,
+        "label_conflict": label_conflicts(labels, sha256),
         "source_split": df["source_split"].astype(str),
         "split": splits.astype(str),
         "readable": readable,
         "width": df["width"].astype(float).where(readable),
         "height": df["height"].astype(float).where(readable),
         "mode": df["mode"].astype(object).where(readable),
-        "sha256": df["sha256"].astype(str).where(df["sha256"].astype(str) != ""),  # unread bytes: no hash, no copy
+        "sha256": sha256,
         "leaks_across_splits": leaks_across_splits(splits.where(~given_test, ""), df["phash"].where(readable, ""),
                                                    near_duplicate_distance),
         "given_test_near_copy_of_training": given_test & (df["near_dup_in_train"].fillna(False).astype(bool)

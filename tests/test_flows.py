@@ -161,7 +161,7 @@ def test_invalid_data_stops_before_training(prefect_server, tiny_data, tmp_path)
     docs = Path(message.split("Data Docs: ")[1].strip())
     assert docs.name == "index.html" and docs.is_file()
     assert "files_readable" in message and "all_classes_present" in message
-    assert "'validation.warn_only=[no_exact_duplicates_within_source_split, given_test_has_no_near_copies_of_training, all_classes_present, files_readable]'" in message
+    assert "'validation.warn_only=[no_exact_duplicates_within_source_split, given_test_has_no_near_copies_of_training, no_label_conflicts, all_classes_present, files_readable]'" in message
 
     assert not list((tmp_path / "runs").rglob("*.pt")), "a model file was written although validation failed"
     client = MlflowClient()

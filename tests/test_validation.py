@@ -273,13 +273,69 @@ def test_photos_fail_the_image_statistics_only(dataset_copy, tmp_path):
     assert set(report.failures) <= STATISTIC_EXPECTATIONS
 
 
-def test_class_far_below_its_share_fails_class_share_only(dataset_copy, tmp_path):
+def test_class_far_below_its_share_fails_class_share_and_split_cover_only(dataset_copy, tmp_path):
     shutil.rmtree(dataset_copy / "Testing" / "glioma")
     for path in sorted((dataset_copy / "Training" / "glioma").glob("*.jpg"))[2:]:
         path.unlink()
+    split = split_without_leakage(_manifest(dataset_copy))
+    report = _validate(split, tmp_path)
+    # two glioma images cannot fill train, val and test: each shortfall is its own failure
+    assert report.failures == ["class_share_at_least_min", "every_class_in_every_split"]
+    train = split[split["split"] == "train"]
+    share = (train["label"] == "glioma").mean()
+    assert share > 0 and float(report.outcome("class_share_at_least_min").observed) == pytest.approx(share, abs=1e-3)
+    assert report.outcome("every_class_in_every_split").observed.startswith("2 of ")
+
+
+def test_a_class_only_in_the_given_test_folder_fails_validation(dataset_copy, tmp_path):
+    """Test images cannot make up for a class training never sees (training weighs such a class 0)."""
+    for path in (dataset_copy / "Training" / "pituitary").glob("*.jpg"):
+        shutil.move(path, dataset_copy / "Testing" / "pituitary" / f"moved {path.name}")
+    (dataset_copy / "Training" / "pituitary").rmdir()  # an empty class folder is refused outright
     report = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path)
-    assert report.failures == ["class_share_at_least_min"]
-    assert float(report.outcome("class_share_at_least_min").observed) == pytest.approx(2 / 38, abs=1e-3)
+    assert report.failures == ["class_share_at_least_min", "every_class_in_every_split"]
+    assert float(report.outcome("class_share_at_least_min").observed) == 0.0
+
+
+def test_a_class_missing_from_the_given_test_folder_fails_validation(dataset_copy, tmp_path):
+    """A class with no test image would never be measured."""
+    shutil.rmtree(dataset_copy / "Testing" / "glioma")
+    report = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path)
+    assert report.failures == ["every_class_in_every_split"]
+    assert "Tr-gl_" in report.outcome("every_class_in_every_split").observed
+
+
+def test_a_class_whose_every_file_is_unusable_has_share_zero(dataset_copy, tmp_path):
+    """Copies of another class's images (label conflicts) leave meningioma nothing training would use."""
+    for path in (dataset_copy / "Training" / "meningioma").glob("*.jpg"):
+        path.unlink()
+    for path in (dataset_copy / "Training" / "glioma").glob("*.jpg"):
+        shutil.copy(path, dataset_copy / "Training" / "meningioma" / f"m {path.name}")
+    report = _validate(_manifest(dataset_copy), tmp_path)  # the folders as delivered (--no-split)
+    assert "class_share_at_least_min" in report.failures
+    assert float(report.outcome("class_share_at_least_min").observed) == 0.0
+    assert report.outcome("no_label_conflicts").status == "WARN"  # named as such; the splitter drops them
+
+
+def test_label_conflicts_across_training_and_testing_are_a_named_warning(dataset_copy, tmp_path):
+    copied = sorted((dataset_copy / "Training" / "glioma").glob("*.jpg"))[:3]
+    for path in copied:
+        shutil.copy(path, dataset_copy / "Testing" / "meningioma" / f"x {path.name}")
+    report = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path)
+    outcome = report.outcome("no_label_conflicts")
+    assert report.success and report.warnings == ["no_label_conflicts"]
+    assert outcome.observed.startswith("6 of ") and f"x {copied[0].name}" in outcome.observed
+    strict = _validate(split_without_leakage(_manifest(dataset_copy)), tmp_path, config=ValidationConfig(warn_only=[]))
+    assert strict.failures == ["no_label_conflicts"]
+
+
+def test_identical_unreadable_files_are_not_exact_duplicates(dataset_copy, tmp_path):
+    (dataset_copy / "Training" / "glioma" / "a.jpg").write_bytes(b"")
+    (dataset_copy / "Training" / "notumor" / "b.jpg").write_bytes(b"")
+    report = _validate(_manifest(dataset_copy), tmp_path)
+    assert report.failures == ["files_readable"]
+    assert report.outcome("no_exact_duplicates_within_source_split").status == "PASS"
+    assert report.outcome("no_label_conflicts").status == "PASS"
 
 
 def test_copies_do_not_make_up_a_class_share(dataset_copy, tmp_path):
@@ -292,10 +348,14 @@ def test_copies_do_not_make_up_a_class_share(dataset_copy, tmp_path):
         for i in range(15):
             shutil.copy(path, path.with_name(f"{path.stem} copy {i}.jpg"))
     manifest = _manifest(dataset_copy)
-    for frame in (manifest, split_without_leakage(manifest)):  # a manifest and a split alike
+    split = split_without_leakage(manifest)
+    distinct_training = manifest[manifest["source_split"] == "train"].drop_duplicates("sha256")
+    in_train = split[split["split"] == "train"]
+    for frame, training in ((manifest, distinct_training), (split, in_train)):  # a manifest and a split alike
         report = _validate(frame, tmp_path)
         assert "class_share_at_least_min" in report.failures
-        assert float(report.outcome("class_share_at_least_min").observed) == pytest.approx(2 / 38, abs=1e-3)
+        share = (training["label"] == "glioma").mean()  # 2 images among those training would use
+        assert share < 0.1 and float(report.outcome("class_share_at_least_min").observed) == pytest.approx(share, abs=1e-3)
 
 
 def test_unknown_warn_only_name_is_refused(clean_manifest, tmp_path):
