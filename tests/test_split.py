@@ -194,3 +194,11 @@ def test_a_class_too_small_for_every_split_is_warned_about(tmp_path, synth_root,
     assert missing and caplog.messages == [
         f"class 'notumor' has no images in {s} (2 usable images in all): too few to split" for s in sorted(
             missing, key=["train", "val", "test"].index)]
+
+
+def test_a_class_missing_from_the_given_testing_folder_is_warned_about_as_such(tmp_path, synth_root, caplog):
+    data = shutil.copytree(synth_root, tmp_path / "data")
+    shutil.rmtree(data / "Testing" / "glioma")
+    with caplog.at_level("WARNING", logger="btc.data.split"):
+        split_without_leakage(build_manifest(data, progress=False))
+    assert caplog.messages == ["class 'glioma' has no images in test (the dataset's Testing folder has none)"]

@@ -214,11 +214,13 @@ def _require_images_per_class(df: pd.DataFrame, usable: np.ndarray) -> None:
 def _warn_empty_splits(df: pd.DataFrame) -> None:
     counts = pd.crosstab(df["label"], df["split"]).reindex(columns=list(SPLITS), fill_value=0)
     counts = counts[counts.sum(axis=1) > 0]
+    given_test = (df["source_split"] == "test").any()  # the test split is the dataset's Testing folder, as it is
     for label, row in counts.iterrows():
         for split in SPLITS:
             if row[split] == 0:
-                log.warning("class %r has no images in %s (%d usable images in all): too few to split",
-                            label, split, int(row.sum()))
+                why = ("(the dataset's Testing folder has none)" if split == "test" and given_test
+                       else f"({int(row.sum())} usable images in all): too few to split")
+                log.warning("class %r has no images in %s %s", label, split, why)
 
 
 def _distances_to_training(df: pd.DataFrame, max_distance: int) -> None:
