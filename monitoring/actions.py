@@ -31,7 +31,7 @@ def act_on_drift(verdict: DriftVerdict, *, trigger: Callable[[DriftVerdict], obj
         ``"would trigger deployment ..."``.
     """
     if not verdict.drifted:
-        return f"no drift: {verdict.summary()}"
+        return verdict.summary()  # begins "no drift: "
     log.warning("DRIFT ALERT: %s", verdict.summary())
     if trigger is None:
         message = f"would trigger deployment {deployment} (no trigger given)"

@@ -66,6 +66,9 @@ class DriftVerdict:
         snapshot: the Evidently snapshot JSON (what the dashboard workspace stores).
         window: ``[since, until]`` as ISO-8601 strings, when the rows came from the prediction log.
         model: ``name`` and ``version`` of the model whose predictions were judged, when from the log.
+        other_models: predictions in the window by other models than ``model`` (``"<name> v<version>"``:
+            count), left out of the report: the summary names them, since a verdict that leaves out the
+            served model's predictions is about a model that is no longer served.
     """
 
     drifted: bool
@@ -82,6 +85,7 @@ class DriftVerdict:
     snapshot: Path | None = None
     window: list[str] = field(default_factory=list)
     model: dict[str, str] = field(default_factory=dict)
+    other_models: dict[str, int] = field(default_factory=dict)
     dashboard_error: str | None = None  # why the snapshot could not be added to the dashboard workspace
 
     def to_dict(self) -> dict:
@@ -95,8 +99,14 @@ class DriftVerdict:
         groups = ", ".join(f"{g} {s:.2f}" for g, s in self.group_shares.items())
         verdict = f"DRIFT in {', '.join(self.drifted_groups) or 'all columns'}" if self.drifted else "no drift"
         columns = ", ".join(self.drifted_columns) or "none"
-        return (f"{verdict}: drift share {self.share:.2f} (by group: {groups}; threshold {self.threshold:.2f}) over "
+        line = (f"{verdict}: drift share {self.share:.2f} (by group: {groups}; threshold {self.threshold:.2f}) over "
                 f"{self.n_current} predictions vs {self.n_reference} reference images; drifted columns: {columns}")
+        if self.other_models:
+            judged = f"{self.model['name']} v{self.model['version']}" if self.model else "the reference's model"
+            others = ", ".join(f"{m} ({n})" for m, n in self.other_models.items())
+            line += (f"; LEFT OUT {sum(self.other_models.values())} predictions by other models than {judged}: "
+                     f"{others} (if one of them is served now, build its reference: btc monitor-reference)")
+        return line
 
 
 def feature_groups(columns) -> dict[str, list[str]]:

@@ -85,8 +85,9 @@ def check_log_file(log_path: str | Path) -> None:
 
 
 def read_window(log_path: str | Path, reference: Reference, since: datetime, until: datetime, *,
-                min_predictions: int) -> pd.DataFrame:
-    """The logged predictions of the reference's model in ``[since, until)``.
+                min_predictions: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The logged predictions of the reference's model in ``[since, until)``, and the count of those by
+    other models (:func:`other_models`), which the report leaves out.
 
     Raises:
         MonitoringError: the log is absent or empty, or the window holds fewer than
@@ -115,9 +116,16 @@ def read_window(log_path: str | Path, reference: Reference, since: datetime, unt
     if len(ours) < min_predictions:
         raise MonitoringError(f"{len(ours)} predictions by {name} v{version} between {span}; at least "
                               f"{min_predictions} are needed for a meaningful drift report (monitoring.min_predictions)")
-    if len(ours) < len(rows):
-        log.info("skipped %d predictions by other models than %s v%s", len(rows) - len(ours), name, version)
-    return ours.reset_index(drop=True)
+    return ours.reset_index(drop=True), other_models(rows, reference)
+
+
+def other_models(rows: pd.DataFrame, reference: Reference) -> dict[str, int]:
+    """Predictions in ``rows`` by other models than the reference's: ``{"<name> v<version>": count}``."""
+    name, version = reference.metadata["model_name"], str(reference.metadata["model_version"])
+    versions = rows["model_version"].astype(str)
+    others = rows[(rows["model_name"] != name) | (versions != version)]
+    counts = others.groupby([others["model_name"], versions[others.index]]).size()
+    return {f"{n} v{v}": int(c) for (n, v), c in counts.items()}
 
 
 def log_to_mlflow(verdict: DriftVerdict, *, experiment: str = EXPERIMENT) -> str:
@@ -192,7 +200,7 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
     since, until = window_bounds(window_hours, since, until)
     check_log_file(log_path)  # a misused option is refused before the reference's Parquet is read
     reference = load_reference(reference_dir)
-    rows = read_window(log_path, reference, since, until, min_predictions=min_predictions)
+    rows, left_out = read_window(log_path, reference, since, until, min_predictions=min_predictions)
     current = features_from_log(rows, reference)
     stem = Path(out_dir) / f"drift-{since:%Y%m%dT%H%M%SZ}-{until:%Y%m%dT%H%M%SZ}"  # two windows never share files
     verdict = drift_report(reference.features, current, out_html=stem.with_suffix(".html"), threshold=threshold,
@@ -201,6 +209,9 @@ def run_monitoring(log_path: str | Path, reference_dir: str | Path, *, window_ho
                                                       "since": since.isoformat(), "until": until.isoformat()})
     verdict.window = [since.isoformat(), until.isoformat()]
     verdict.model = {"name": reference.metadata["model_name"], "version": str(reference.metadata["model_version"])}
+    verdict.other_models = left_out
+    if left_out:
+        log.warning("left out of the drift report: %s", ", ".join(f"{m} ({n} predictions)" for m, n in left_out.items()))
     if workspace is not None:
         from monitoring.dashboard import add_snapshot
 

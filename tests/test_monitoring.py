@@ -588,3 +588,23 @@ def test_evidently_ui_serves_the_dashboard(monitored):
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+
+
+def test_predictions_by_other_models_left_out_of_a_verdict_are_named(reference_dir, traffic, tmp_path):
+    """After a rollback the served model's predictions are not the reference's: the verdict must say so."""
+    log = PredictionLog(tmp_path / "predictions.sqlite")
+    log.append(_stamped(traffic, DAY1 + timedelta(hours=1)))
+    log.append(_stamped([{**r, "model_version": "9"} for r in traffic[:12]], DAY1 + timedelta(hours=3)))
+    verdict = run_monitoring(log.path, reference_dir, window_hours=24, until=DAY2, min_predictions=30,
+                             threshold=0.3, out_dir=tmp_path / "reports")
+    name = load_reference(reference_dir).metadata["model_name"]
+    assert verdict.n_current == len(traffic) and verdict.other_models == {f"{name} v9": 12}
+    assert f"LEFT OUT 12 predictions by other models than {name} v" in verdict.summary()
+    assert f"{name} v9 (12)" in verdict.summary()
+    saved = json.loads(next((tmp_path / "reports").glob("*.verdict.json")).read_text())
+    assert saved["other_models"] == {f"{name} v9": 12}
+
+
+def test_a_window_of_the_references_model_alone_leaves_nothing_out(monitored):
+    assert monitored["day1"].other_models == {} and "LEFT OUT" not in monitored["day1"].summary()
+    assert act_on_drift(monitored["day1"]).startswith("no drift: drift share")
