@@ -114,7 +114,7 @@ def reference_command(
 ) -> None:
     """Build the monitoring reference from a model and the validation images (run at promotion)."""
     from btc.predict import Predictor, is_mlflow_uri
-    from btc.reference import build_reference
+    from btc.reference import build_reference, components_for
     from btc.tables import read_parquet
     from btc.tracking.model_io import logged_split
     from btc.tracking.store import TrackingError
@@ -141,10 +141,14 @@ def reference_command(
     if "split" not in rows.columns or (rows["split"] == split_name).sum() == 0:
         found = sorted(rows["split"].unique()) if "split" in rows.columns else []
         raise _error(f"no rows with split {split_name!r} in {str(split)!r}; found {', '.join(map(str, found)) or 'none'}", 2)
+    chosen = rows[rows["split"] == split_name]
+    components = components_for(cfg.monitoring.pca_components, len(chosen))  # as the training pipeline does
+    if components != cfg.monitoring.pca_components:
+        typer.secho(f"monitoring.pca_components={cfg.monitoring.pca_components} lowered to {components}: "
+                    f"only {len(chosen)} {split_name} images", fg=typer.colors.YELLOW, err=True)
     try:
         predictor = Predictor.load(model)
-        built = build_reference(predictor, rows[rows["split"] == split_name], pca_components=cfg.monitoring.pca_components,
-                                source=f"{split}:{split_name}")
+        built = build_reference(predictor, chosen, pca_components=components, source=f"{split}:{split_name}")
     except (FileNotFoundError, ValueError) as err:
         raise _error(str(err), 2) from None
     target = built.save(out)

@@ -137,8 +137,11 @@ def rollback_cmd(name: NameOpt = None, config: ConfigOpt = None, set_: SetOpt = 
     except _errors() as err:
         raise _fail(str(err)) from None
     typer.echo(f"{name}: champion v{old} -> v{new}")
+    same_settings = "".join(f" -c {shlex.quote(str(config))}" if config else "") + \
+        "".join(f" -s {shlex.quote(o)}" for o in set_ or [])  # the reference goes where monitoring reads it
     typer.echo(f"the monitoring reference was built for the champion at its promotion; rebuild it for v{new}, or "
-               f"monitoring reports the mismatch: btc monitor-reference {shlex.quote(f'models:/{name}@champion')}")
+               f"monitoring reports the mismatch: btc monitor-reference "
+               f"{shlex.quote(f'models:/{name}@champion')}{same_settings}")
 
 
 @registry_app.command("list")

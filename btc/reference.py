@@ -271,6 +271,12 @@ def build_reference(predictor, rows_or_images, *, pca_components: int = 8, batch
                                   pca_components=pca_components, source=source)
 
 
+def components_for(asked: int, n_images: int) -> int:
+    """The ``pca_components`` a reference of ``n_images`` can have: ``asked``, lowered to ``n_images - 1``
+    (at least 1) when there are too few images for it."""
+    return max(1, min(asked, n_images - 1))
+
+
 def _check_components(pca_components: int, n: int) -> None:
     if pca_components < 1 or n <= pca_components:
         raise ValueError(f"pca_components={pca_components} with {n} reference images; "

@@ -112,10 +112,10 @@ def deploy_service(name: str, version: str, run_id: str, bento: bool) -> dict:
 
 @task(name="monitoring-reference", **PLAIN)
 def build_monitoring_reference(predictor, rows: pd.DataFrame, out_dir: Path, source: str, pca_components: int) -> Path:
-    from btc.reference import build_reference
+    from btc.reference import build_reference, components_for
 
     # PCA needs more images than components: tiny validation sets get fewer components.
-    components = max(1, min(pca_components, len(rows) - 1))
+    components = components_for(pca_components, len(rows))
     return build_reference(predictor, rows, pca_components=components, source=source).save(out_dir)
 
 

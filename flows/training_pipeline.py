@@ -83,7 +83,7 @@ def _validated_split(data_dir: str, cfg, run_dir: Path):
     return split, report
 
 
-def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str, object, dict]:
+def _register_and_gate(cfg, run_id: str, split, build_bento: bool, run_dir: Path) -> tuple[str, object, dict]:
     """Steps 5-7: challenger, gates and, if promoted, the service record and the monitoring reference."""
     from btc.evaluate import rows_to_evaluate
     from monitoring.run import reference_dir_of
@@ -108,11 +108,12 @@ def _register_and_gate(cfg, run_id: str, split, build_bento: bool) -> tuple[str,
         except PipelineStepError as err:  # the alias has moved: say so, and how to finish or undo it
             was = f"v{promotion.champion_before}" if promotion.champion_before else "none"
             pinned = shlex.quote(f"models:/{name}/{version}")
+            run_config = f"-c {shlex.quote(str(run_dir / 'config.yaml'))}"  # this run's settings: same folders
             raise PipelineStepError(
                 f"{err}. The champion of {name!r} is already v{version} (was {was}), but serving.json and the "
                 f"monitoring reference may still describe the previous one. Undo: btc registry rollback --name "
-                f"{shlex.quote(name)}; or fix the cause, serve it (btc serve --model {pinned}) and rebuild the "
-                f"reference (btc monitor-reference {pinned})") from err
+                f"{shlex.quote(name)} {run_config}; or fix the cause, serve it (btc serve --model {pinned} "
+                f"{run_config}) and rebuild the reference (btc monitor-reference {pinned} {run_config})") from err
     return version, promotion, paths
 
 
@@ -183,6 +184,6 @@ def training_pipeline(data_dir: str, config_path: str | None = None, overrides: 
     with step("log-to-mlflow"):
         run_id = tasks.log_run(cfg, result, split, report, run_dir / "evaluation")
 
-    version, promotion, paths = _register_and_gate(cfg, run_id, split, build_bento) if register_model else (None, None, {})
+    version, promotion, paths = _register_and_gate(cfg, run_id, split, build_bento, run_dir) if register_model else (None, None, {})
     with step("publish-summary"):
         return _publish_summary(run_dir, result, report, run_id, version, promotion, paths)

@@ -137,7 +137,9 @@ def test_a_failure_after_the_promotion_says_the_champion_moved_and_how_to_undo_i
     message = str(failed.value)
     assert message.startswith("step 'deploy-service' failed: ")
     assert "The champion of 'btc-classifier' is already v1 (was none)" in message
-    assert "btc registry rollback --name btc-classifier" in message and "btc monitor-reference models:/btc-classifier/1" in message
+    run_config = message.split("btc monitor-reference models:/btc-classifier/1 -c ")[1].rstrip(")")
+    assert Path(run_config).name == "config.yaml" and Path(run_config).is_file()  # the run's settings, its folders
+    assert f"btc registry rollback --name btc-classifier -c {run_config}" in message
     assert aliases(MlflowClient())["champion"] == "1"
 
 

@@ -608,3 +608,24 @@ def test_predictions_by_other_models_left_out_of_a_verdict_are_named(reference_d
 def test_a_window_of_the_references_model_alone_leaves_nothing_out(monitored):
     assert monitored["day1"].other_models == {} and "LEFT OUT" not in monitored["day1"].summary()
     assert act_on_drift(monitored["day1"]).startswith("no drift: drift share")
+
+
+def test_cli_monitor_reference_lowers_the_components_to_what_few_images_allow(trained_run, synth_split, tmp_path):
+    """As the training pipeline does, so the command it prints after a failure finishes the job."""
+    import typer
+    from typer.testing import CliRunner
+
+    from btc.cli_monitor import reference_command
+
+    app = typer.Typer()
+    app.command("monitor-reference")(reference_command)
+    app.command("unused")(lambda: None)
+    synth_split.to_parquet(tmp_path / "split.parquet")
+    n_val = int((synth_split["split"] == "val").sum())
+    assert n_val <= 64
+    result = CliRunner().invoke(app, ["monitor-reference", str(trained_run.model_path), "--split",
+                                      str(tmp_path / "split.parquet"), "--out", str(tmp_path / "ref"),
+                                      "-s", "monitoring.pca_components=64"])
+    assert result.exit_code == 0, result.output
+    assert f"monitoring.pca_components=64 lowered to {n_val - 1}: only {n_val} val images" in result.output
+    assert len(load_reference(tmp_path / "ref").embedding_columns) == n_val - 1

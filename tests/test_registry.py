@@ -12,6 +12,7 @@ model name, so tests do not depend on each other's order.
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -242,12 +243,14 @@ def test_promotion_against_champion_and_rollback(reg, tmp_path):
     run_id = store.client().get_model_version_by_alias(name, "champion").run_id
     assert json.loads((tmp_path / "own.json").read_text())["n_images"] == len(registry.frozen_eval_rows(store.client(), run_id)[0])
 
-    res = cli("registry", "rollback", "--name", name)
+    settings = tmp_path / "monitoring.yaml"  # where this deployment's monitoring reads its reference
+    settings.write_text(f"monitoring:\n  reference_dir: {tmp_path / 'reference'}\n")
+    res = cli("registry", "rollback", "--name", name, "-c", settings, "-s", "monitoring.pca_components=2")
     assert res.exit_code == 0 and "champion v2 -> v1" in res.output
     assert aliases(name)["champion"] == "1"
-    hint = res.output.split("or monitoring reports the mismatch: ")[1].split()
-    assert hint[:2] == ["btc", "monitor-reference"]
-    res = cli(*hint[1:], "--out", tmp_path / "reference", "-s", "monitoring.pca_components=2")  # as printed
+    hint = shlex.split(res.output.split("or monitoring reports the mismatch: ")[1])
+    assert hint[:2] == ["btc", "monitor-reference"] and hint[-4:] == ["-c", str(settings), "-s", "monitoring.pca_components=2"]
+    res = cli(*hint[1:])  # exactly as printed: the reference lands where monitoring reads it
     assert res.exit_code == 0 and f"for {name} v1 ->" in res.output, res.output
     assert load_reference(tmp_path / "reference").metadata["model_version"] == "1"
     res = cli("registry", "rollback", "--name", name)
