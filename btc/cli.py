@@ -21,10 +21,11 @@ data_app.command("validate")(validate_command)
 from btc.cli_registry import check_tracking, registry_app, track_training_run  # noqa: E402
 app.add_typer(registry_app, name="registry")
 # monitoring (Evidently)
-from btc.cli_monitor import monitor_command, reference_command  # noqa: E402
+from btc.cli_monitor import monitor_command, reference_command, rotate_log_command  # noqa: E402
 
 app.command("monitor")(monitor_command)
 app.command("monitor-reference")(reference_command)
+app.command("rotate-log")(rotate_log_command)
 # serving (BentoML)
 from btc.cli_serve import serve_command  # noqa: E402
 

@@ -13,6 +13,10 @@ the command was misused (invalid option or config, a ``--log`` that is no predic
 read, so a misuse is told at once.
 
 ``btc monitor-reference`` builds the reference from a model and the validation images.
+
+``btc rotate-log ARCHIVE`` moves the prediction log's rows into an archive log, safely while the
+service writes (:meth:`btc.predlog.PredictionLog.rotate`); exit 2 names a log or archive that
+cannot be used.
 """
 
 from __future__ import annotations
@@ -153,3 +157,24 @@ def reference_command(
         raise _error(str(err), 2) from None
     target = built.save(out)
     typer.echo(f"reference of {len(built.features)} images for {predictor.name} v{predictor.version} -> {target}")
+
+
+def rotate_log_command(
+    archive: Annotated[Path, typer.Argument(help="archive prediction log to move the rows into (created or appended to)")],
+    log: Annotated[Optional[Path], typer.Option("--log", help="prediction log; default $BTC_HOME/predictions.sqlite")] = None,
+) -> None:
+    """Move every row of the prediction log into ARCHIVE; safe while the service runs."""
+    from btc.paths import prediction_log_path
+    from btc.predlog import PredictionLog
+
+    log = log or prediction_log_path()
+    for path, what in ((log, "prediction log (--log)"), (archive, "archive")):
+        if path.is_dir():
+            raise _error(f"{what} {str(path)!r} is a folder; expected a SQLite file", 2)
+    try:
+        moved = PredictionLog(log).rotate(archive)
+    except ValueError as err:
+        raise _error(str(err), 2) from None
+    except OSError as err:  # an archive folder that cannot be made, a read-only disk
+        raise _error(f"cannot rotate {str(log)!r} into {str(archive)!r}: {err}", 2) from None
+    typer.echo(f"moved {moved} predictions from {log} to {archive}")

@@ -1,8 +1,9 @@
 """The prediction log: an append-only SQLite table the service writes and monitoring reads.
 
 SQLite in WAL mode lets several service workers append at once (writers take a short lock,
-readers never block) and survives restarts. Rows are never updated or deleted by btc.
-Images are stored only when asked (``image`` column, off by default).
+readers never block) and survives restarts. Rows are never updated; they leave the log only by
+:meth:`PredictionLog.rotate`, which copies them to an archive first. Images are stored only when
+asked (``image`` column, off by default).
 """
 
 from __future__ import annotations
@@ -131,6 +132,46 @@ class PredictionLog:
                 con.executemany(
                     "INSERT INTO predictions (ts, model_name, model_version, predicted, confidence, prob_entropy, "
                     "probabilities, stats, embedding, ood, image) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        finally:
+            con.close()
+
+    def rotate(self, archive: str | Path) -> int:
+        """Move every row into the prediction log ``archive`` (created, or appended to); returns how many.
+
+        Safe while the service appends: the rows up to the last id are copied to the archive in one
+        transaction, then deleted from this log in another, so a row appended meanwhile stays here,
+        and a crash between the two leaves rows in both files, never in neither. (Moving the file
+        away instead is not safe under load: SQLite finds the write-ahead log by the file's name,
+        so a worker that still has the old file open can commit into the new one's and rows are lost.)
+
+        Raises:
+            ValueError: the log does not exist, ``archive`` is this log, or either is not a prediction log.
+        """
+        archive = Path(archive)
+        if not self.path.is_file():
+            raise ValueError(f"prediction log {str(self.path)!r} does not exist; nothing to rotate")
+        if archive.exists() and archive.resolve() == self.path.resolve():
+            raise ValueError(f"the archive {str(archive)!r} is the prediction log itself; name another file")
+        PredictionLog(archive)._connect().close()  # the archive is a prediction log, or becomes one
+        con = self._connect()
+        try:
+            last = con.execute("SELECT MAX(id) FROM predictions").fetchone()[0]
+            if last is None:
+                return 0
+            columns = "ts, model_name, model_version, predicted, confidence, prob_entropy, probabilities, stats, " \
+                      "embedding, ood, image"
+            con.execute("ATTACH DATABASE ? AS archive", (str(archive),))
+            with con:  # one transaction writing the archive only
+                moved = con.execute(f"INSERT INTO archive.predictions ({columns}) SELECT {columns} "
+                                    "FROM main.predictions WHERE id <= ? ORDER BY id", (last,)).rowcount
+            with con:  # then one deleting from this log only
+                con.execute("DELETE FROM main.predictions WHERE id <= ?", (last,))
+            con.execute("DETACH DATABASE archive")
+            return moved
+        except sqlite3.DatabaseError as err:
+            if _not_a_log(err):
+                raise self._error(err) from None
+            raise
         finally:
             con.close()
 

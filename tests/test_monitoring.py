@@ -119,8 +119,58 @@ def test_log_records_have_the_service_record_shape(predictor, grays, tmp_path):
         log_records(predictor, images, ts=[DAY1, DAY2])
 
 
+def test_rotating_a_log_while_workers_append_loses_no_row(predictor, grays, tmp_path):
+    """btc rotate-log under load: every appended row ends in the log or in the archive, exactly once."""
+    import threading
+
+    records = log_records(predictor, grays[:2], ts=DAY1)
+    path, archive = tmp_path / "predictions.sqlite", tmp_path / "archive" / "old.sqlite"
+    PredictionLog(path).append(records[:1])
+    appended, errors = [1], []
+
+    def worker():
+        log = PredictionLog(path)  # each worker its own, as each service worker has
+        try:
+            for _ in range(60):
+                log.append(records)
+                appended.append(len(records))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    moved = [PredictionLog(path).rotate(archive) for _ in range(8)]
+    for t in threads:
+        t.join()
+    moved.append(PredictionLog(path).rotate(archive))
+    assert not errors
+    assert sum(moved) == sum(appended) == PredictionLog(archive).count() and PredictionLog(path).count() == 0
+    with pytest.raises(ValueError, match="is the prediction log itself"):
+        PredictionLog(path).rotate(path)
+    with pytest.raises(ValueError, match="does not exist; nothing to rotate"):
+        PredictionLog(tmp_path / "none.sqlite").rotate(archive)
+
+
+def test_cli_rotate_log_moves_the_rows_and_names_what_it_cannot_use(predictor, grays, tmp_path):
+    from typer.testing import CliRunner
+
+    from btc.cli import app
+
+    log = PredictionLog(tmp_path / "predictions.sqlite")
+    log.append(log_records(predictor, grays[:3], ts=DAY1))
+    done = CliRunner().invoke(app, ["rotate-log", str(tmp_path / "a.sqlite"), "--log", str(log.path)])
+    assert done.exit_code == 0 and f"moved 3 predictions from {log.path} to {tmp_path / 'a.sqlite'}" in done.output
+    assert log.count() == 0 and PredictionLog(tmp_path / "a.sqlite").count() == 3
+    (tmp_path / "notes.txt").write_text("not a log")
+    for archive, message in ((tmp_path / "notes.txt", "is not a prediction log"), (tmp_path, "is a folder")):
+        refused = CliRunner().invoke(app, ["rotate-log", str(archive), "--log", str(log.path)])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert (tmp_path / "notes.txt").read_text() == "not a log"
+
+
 def test_a_log_moved_away_while_in_use_is_started_afresh(predictor, grays, tmp_path):
-    """Rotation or archiving of a live log: the next append makes a new log, none is dropped."""
+    """A log moved or deleted between appends: the next append makes a new log, none is dropped."""
     records = log_records(predictor, grays[:3], ts=DAY1)
     log = PredictionLog(tmp_path / "logs" / "log.sqlite")
     log.append(records[:1])
