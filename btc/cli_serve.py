@@ -137,12 +137,13 @@ def model_load_error(env: dict[str, str]) -> str | None:
 
 
 def serve_command(
-    model: str = typer.Option("models:/btc-classifier@champion", "--model", "-m",
+    model: str = typer.Option("models:/btc-classifier@champion", "--model", "-m", envvar="BTC_MODEL_URI",
                               help="model.pt path or MLflow URI (models:/name@alias)"),
-    port: int = typer.Option(3000, help="TCP port"),
+    port: int = typer.Option(3000, min=1, max=65535, help="TCP port"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 to expose it)"),
     api_key_env: str = typer.Option("BTC_API_KEY", help="environment variable holding the API key; unset: no key"),
-    workers: int = typer.Option(1, min=1, help="HTTP worker processes (the model runs in its own process)"),
+    workers: int = typer.Option(1, min=1, envvar="BTC_API_WORKERS",
+                                help="HTTP worker processes (the model runs in its own process)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (serving limits)"),
 ) -> None:
     """Serve the classifier over HTTP: /predict, /predict_batch, /explain, /metadata, /readyz."""

@@ -211,3 +211,21 @@ def test_training_on_a_split_file_records_the_settings_that_made_it(tmp_path, sy
     (tmp_path / "s.config.yaml").unlink()
     res = invoke("train", split, "--out", tmp_path / "bare", *tiny)
     assert res.exit_code == 0 and "warning: no config beside" in res.output, res.output
+
+
+def test_serve_reads_the_model_and_workers_from_the_environment_as_documented(tmp_path, monkeypatch):
+    """$BTC_MODEL_URI and $BTC_API_WORKERS stand in for --model and --workers (checked before any server starts)."""
+    missing = tmp_path / "no" / "model.pt"
+    monkeypatch.setenv("BTC_MODEL_URI", str(missing))
+    res = runner.invoke(app, ["serve"])
+    assert res.exit_code == 2 and f"model {str(missing)!r} is neither an existing model.pt" in res.output
+    monkeypatch.setenv("BTC_API_WORKERS", "0")
+    res = runner.invoke(app, ["serve"], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "Invalid value for '--workers' (env var: 'BTC_API_WORKERS')" in res.output
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_serve_refuses_a_port_outside_1_to_65535(port):
+    res = runner.invoke(app, ["serve", "--model", "models:/btc-classifier@champion", "--port", port],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "Invalid value for '--port'" in res.output
