@@ -8,10 +8,12 @@ asked (``image`` column, off by default).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -112,6 +114,19 @@ class PredictionLog:
         cause = err.__cause__ if isinstance(err, pd.errors.DatabaseError) else err
         return ValueError(f"{str(self.path)!r} is not a prediction log (SQLite): {cause}")
 
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[sqlite3.Connection]:
+        """A connection, closed afterwards; an error saying the file is no prediction log becomes a ValueError."""
+        con = self._connect()
+        try:
+            yield con
+        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
+            if _not_a_log(err):
+                raise self._error(err) from None
+            raise
+        finally:
+            con.close()
+
     def append(self, records: list[dict]) -> None:
         """Append records (keys as in :data:`SCHEMA`; ``ts`` defaults to now).
 
@@ -153,8 +168,7 @@ class PredictionLog:
         if archive.exists() and archive.resolve() == self.path.resolve():
             raise ValueError(f"the archive {str(archive)!r} is the prediction log itself; name another file")
         PredictionLog(archive)._connect().close()  # the archive is a prediction log, or becomes one
-        con = self._connect()
-        try:
+        with self._opened() as con:
             last = con.execute("SELECT MAX(id) FROM predictions").fetchone()[0]
             if last is None:
                 return 0
@@ -168,12 +182,6 @@ class PredictionLog:
                 con.execute("DELETE FROM main.predictions WHERE id <= ?", (last,))
             con.execute("DETACH DATABASE archive")
             return moved
-        except sqlite3.DatabaseError as err:
-            if _not_a_log(err):
-                raise self._error(err) from None
-            raise
-        finally:
-            con.close()
 
     def read(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
         """Records in ``[since, until)`` (naive bounds mean UTC), with probabilities and stats expanded into columns.
@@ -190,15 +198,8 @@ class PredictionLog:
             query, args = query + " AND ts >= ?", args + [utc(since).isoformat()]
         if until is not None:
             query, args = query + " AND ts < ?", args + [utc(until).isoformat()]
-        con = self._connect()
-        try:
+        with self._opened() as con:
             df = pd.read_sql_query(query + " ORDER BY id", con, params=args)
-        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
-            if _not_a_log(err):
-                raise self._error(err) from None
-            raise
-        finally:
-            con.close()
         if df.empty:
             return df
         probs = pd.DataFrame([json.loads(p) for p in df.pop("probabilities")]).add_prefix("p_")
@@ -211,12 +212,5 @@ class PredictionLog:
     def count(self) -> int:
         if not self.path.is_file():
             return 0
-        con = self._connect()
-        try:
+        with self._opened() as con:
             return int(con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
-        except sqlite3.DatabaseError as err:
-            if _not_a_log(err):
-                raise self._error(err) from None
-            raise
-        finally:
-            con.close()
