@@ -17,8 +17,15 @@ requests into 4xx answers that say what was wrong:
   endpoint takes one, or a body that is not valid multipart stops the request there with a
   400 saying so: BentoML would otherwise read a binary file as JSON text (500), take a text
   value as a URL and download it, or answer the first file and silently drop the others.
-  If the endpoint answers with an error that the form explains (no file, empty form), the
-  guard answers with that.
+  A body that ends before the form's closing boundary is refused too (400): Starlette keeps
+  the parts it finished and drops an unclosed last part without a word, so a batch would be
+  answered short of a file;
+* the media type of the ``Content-Type`` the app sees is lower-cased (the boundary and the
+  other parameters are passed on as sent): media types are case-insensitive, but BentoML
+  picks its body parser by the exact header text and would read ``Multipart/Form-Data`` as JSON.
+
+If the endpoint answers with an error that the form explains (no file, empty form), the guard
+answers with that.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import posixpath
 from typing import Any, Awaitable, Callable
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.responses import JSONResponse
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
@@ -44,6 +51,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def _with_lowercase_media_type(scope: Scope) -> Scope:
+    """The scope with the ``Content-Type`` media type lower-cased and its parameters kept byte for byte.
+
+    RFC 9110 makes the type and subtype case-insensitive, but BentoML chooses how to parse the body
+    by the exact header text (``Multipart/Form-Data`` is read as JSON), and the boundary value is
+    case-sensitive, so only the part before the first ``;`` changes.
+    """
+    def normal(value: bytes) -> bytes:
+        media_type, semicolon, parameters = value.partition(b";")
+        return media_type.strip().lower() + semicolon + parameters
+
+    headers = [(key, normal(value) if key.lower() == b"content-type" else value)
+               for key, value in scope.get("headers", [])]
+    return scope if headers == list(scope.get("headers", [])) else {**scope, "headers": headers}
 
 
 async def _answer(scope: Scope, receive: Receive, send: Send, status: int, message: str, **headers: str) -> None:
@@ -73,6 +96,7 @@ class _FormScan:
         self.malformed: str | None = None
         self.long_name: tuple[str, int] | None = None  # the first file name over MAX_FILENAME_BYTES, its length
         self._header_name = self._header_value = self._disposition = b""
+        self._boundary = boundary
         self._parser = MultipartParser(boundary, {
             "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
             "on_header_value": self._on_header_value, "on_header_end": self._on_header_end,
@@ -117,6 +141,19 @@ class _FormScan:
             self._parser.write(chunk)
         except FormParserError as err:
             self.malformed = str(err)
+
+    def finish(self) -> None:
+        """The body has ended: it must have reached the form's closing boundary.
+
+        python-multipart does not check this (its ``finalize`` is a no-op) and Starlette drops a
+        part still open at the end, so a batch cut short, or sent without ``--boundary--``, would be
+        answered without its last file. An empty body is left to :meth:`diagnosis` (no form fields).
+        """
+        if self.size == 0 or self._parser.state == MultipartState.END or self.refusal() is not None:
+            return
+        closing = "--" + self._boundary.decode("latin-1") + "--"
+        self.malformed = (f"it ends before the closing boundary '{closing}': a part is cut off or the form "
+                          "is not closed")
 
     def refusal(self) -> tuple[int, str] | None:
         """Why the request must stop now, whatever the endpoint would do (None: let it go on)."""
@@ -210,7 +247,8 @@ class RequestGuard:
             return await _answer(scope, receive, send, 400,
                                  "multipart/form-data without a boundary in the Content-Type header; "
                                  f"send the image file in field '{field}' with a client that writes the form")
-        await self._scan_through(scope, receive, send, _FormScan(field, limit, boundary, self.one_file.get(path)))
+        await self._scan_through(_with_lowercase_media_type(scope), receive, send,
+                                 _FormScan(field, limit, boundary, self.one_file.get(path)))
 
     async def _scan_through(self, scope: Scope, receive: Receive, send: Send, scan: _FormScan) -> None:
         replaced = False
@@ -219,6 +257,8 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 scan.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    scan.finish()
                 if scan.refusal() is not None:
                     return {"type": "http.disconnect"}  # stops the app's form parser; we answer instead
             return message

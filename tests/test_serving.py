@@ -289,6 +289,32 @@ def test_form_scan_refuses_a_second_file_where_the_endpoint_takes_one():
                                          "use /predict_batch")
 
 
+def test_form_scan_refuses_a_body_that_ends_before_its_closing_boundary():
+    """python-multipart does not check the end of the form, and Starlette drops an unclosed last part."""
+    whole = multipart_body(('name="image"; filename="a.jpg"', b"\xff" * 10), ('name="image"; filename="b.jpg"', b"x"))
+    for body in (whole[:-len(b"--xyz--\r\n")], whole[:-20], whole[:60], whole[:-3]):
+        scan = scan_of(body)
+        assert scan.refusal() is None  # the body could still go on
+        scan.finish()
+        status, message = scan.refusal()
+        assert status == 400 and "(it ends before the closing boundary '--xyz--': a part is cut off" in message
+    for body in (whole, whole + b"epilogue", b""):  # closed (an epilogue is allowed), or empty: left to diagnosis
+        scan = scan_of(body)
+        scan.finish()
+        assert scan.refusal() is None
+
+
+def test_the_media_type_is_lowercased_and_the_boundary_kept():
+    from btc.serving_guard import _with_lowercase_media_type
+
+    scope = {"type": "http", "headers": [(b"content-type", b"Multipart/Form-Data; boundary=AbC"), (b"x-y", b"Z")]}
+    assert _with_lowercase_media_type(scope)["headers"] == [(b"content-type", b"multipart/form-data; boundary=AbC"),
+                                                            (b"x-y", b"Z")]
+    assert scope["headers"][0][1] == b"Multipart/Form-Data; boundary=AbC"  # the client's scope is not changed
+    lower = {"type": "http", "headers": [(b"content-type", b"multipart/form-data; boundary=AbC")]}
+    assert _with_lowercase_media_type(lower) is lower
+
+
 def test_serve_environment_passes_model_key_and_workers(tmp_path):
     env = serve_environment("models:/btc-classifier@champion", workers=3, api_key_env="MY_KEY", config=None,
                             base={"MY_KEY": "s3cret", "BTC_API_KEY": "old"})
@@ -528,6 +554,47 @@ class TestService:
         assert response.status_code == status, response.text
         assert message in response.json()["error"]
         assert log.count() == before  # a refused request is not logged
+
+    @pytest.mark.parametrize("route", ["/predict_batch", "/predict", "/explain"])
+    @pytest.mark.parametrize("cut", ["no closing boundary", "mid-data", "mid-header"])
+    def test_a_form_that_ends_before_its_closing_boundary_is_refused(self, server, mri_paths, route, cut):
+        """Starlette answers the parts it finished and drops an unclosed last one: a batch lost its third
+        file without a word, and /predict answered pydantic's 'Field required'."""
+        url, home = server
+        field, count = ("images", 3) if route == "/predict_batch" else ("image", 1)
+        parts = [(f'name="{field}"; filename="{name}.jpg"', path.read_bytes())
+                 for name, path in zip("abc", mri_paths[:count])]
+        body = multipart_body(*parts)[:-len(b"--xyz--\r\n")]  # every part complete, the form never closed
+        last = body.rindex(b"--xyz\r\n")  # where the last part begins
+        if cut == "mid-data":
+            body = body[:len(body) - len(parts[-1][1]) // 2]
+        elif cut == "mid-header":
+            body = body[:last + len(b"--xyz\r\nContent-Disposition: form-da")]
+        log = PredictionLog(home / "btc_home" / "predictions.sqlite")
+        before = log.count()
+        response = post(url, route, content=body, headers={**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"})
+        assert response.status_code == 400, response.text[:500]
+        assert response.json()["error"] == (
+            "the body is not valid multipart/form-data (it ends before the closing boundary '--xyz--': a part is "
+            f"cut off or the form is not closed); send the image file in field '{field}'")
+        assert log.count() == before  # nothing was predicted for a request that was refused
+
+    def test_a_mixed_case_media_type_is_read_as_the_form_it_is(self, server, mri_paths):
+        """Media types are case-insensitive (RFC 9110), boundaries are not: BentoML read
+        'Multipart/Form-Data' as JSON (400 'json_invalid')."""
+        url, home = server
+        log = PredictionLog(home / "btc_home" / "predictions.sqlite")
+        before = log.count()
+        for route, field, paths in (("/predict", "image", mri_paths[:1]), ("/predict_batch", "images", mri_paths[:2])):
+            body = multipart_body(*[(f'name="{field}"; filename="case{i}.jpg"', p.read_bytes())
+                                    for i, p in enumerate(paths)], boundary="Btc-Mixed-Case")
+            response = post(url, route, content=body,
+                            headers={**AUTH, "Content-Type": "Multipart/Form-Data; boundary=Btc-Mixed-Case"})
+            assert response.status_code == 200, response.text[:500]
+            answers = response.json()["results"] if route == "/predict_batch" else [response.json()]
+            assert [a["filename"] for a in answers] == [f"case{i}.jpg" for i in range(len(paths))]
+            assert all(a["predicted"] in CLASSES for a in answers)
+        assert log.count() == before + 3
 
     def test_a_second_file_to_explain_is_refused(self, server, mri_path):
         url, _ = server
