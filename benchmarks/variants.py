@@ -28,8 +28,6 @@ import pandas as pd
 import torch
 
 from btc.config import ConfigError, load_config
-from btc.data.manifest import build_manifest
-from btc.data.split import split_without_leakage
 from btc.evaluate import evaluate_predictor, rows_to_evaluate
 from btc.predict import Predictor
 from btc.training import check_new_run_folder, train_model
@@ -75,19 +73,18 @@ def variant_configs(variants: list[tuple[str, list[str]]], shared: list[str], ou
     return configs
 
 
-def load_split(data: Path, cfg) -> pd.DataFrame:
-    """The split of ``data``: a split file as it is, else a manifest (given or built) split by ``cfg.data``."""
-    if data.is_file():
-        table = pd.read_parquet(data)
-        if "split" in table:
-            return table
-    elif data.is_dir():
-        table = build_manifest(data, progress=False)
-    else:
-        raise SystemExit(f"{data}: no such dataset folder or .parquet file")
-    d = cfg.data
-    return split_without_leakage(table, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                                 near_duplicate_distance=d.near_duplicate_distance, seed=d.seed)
+def load_split(data: Path, base, shared: list[str]):
+    """The split of ``data`` and the config with the split settings it was made with, as ``btc train`` has
+    them: a split file as it is (its own settings; ``-s`` ones that differ are refused), a folder or
+    manifest split by ``base.data``. A bad path or file exits with ``btc train``'s message."""
+    import typer
+
+    from btc.cli import prepare_split
+
+    try:
+        return prepare_split(data, base, shared)
+    except typer.Exit as stop:  # the message is printed already
+        raise SystemExit(stop.exit_code) from None
 
 
 def run_variant(cfg, split: pd.DataFrame, run_dir: Path) -> dict:
@@ -133,7 +130,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         configs = variant_configs(args.variants, args.shared, out)
-        split = load_split(args.data, load_config(None, args.shared))
+        split, base = load_split(args.data, load_config(None, args.shared), args.shared)
+        made_with = {k: getattr(base.data, k) for k in SPLIT_SETTINGS}  # a split file's own, recorded by each run
+        configs = {name: cfg.model_copy(update={"data": cfg.data.model_copy(update=made_with)})
+                   for name, cfg in configs.items()}
         rows = []
         for name, overrides in args.variants:
             if args.time_budget is not None and time.perf_counter() - start > args.time_budget:

@@ -98,7 +98,7 @@ def test_serving_benchmark_never_writes_the_callers_prediction_log(trained_run, 
 def test_variants_benchmark_trains_each_variant_on_one_split_and_reports_val_and_test(synth_root, tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     out = run_script("variants.py", str(synth_root), "-s", "data.image_size=64", "-s", "train.epochs=1",
-                     "--variant", "base", "--variant", "narrow=model.width=8 train.batch_size=16",
+                     "-s", "data.seed=5", "--variant", "base", "--variant", "narrow=model.width=8 train.batch_size=16",
                      "--out", str(tmp_path / "runs"), "--jsonl", str(jsonl))
     rows = table_rows(out)
     assert [r[:2] for r in rows] == [["base", "(none)"], ["narrow", "model.width=8 train.batch_size=16"]]
@@ -108,6 +108,13 @@ def test_variants_benchmark_trains_each_variant_on_one_split_and_reports_val_and
     assert all((tmp_path / "runs" / name / "model.pt").is_file() for name in ("base", "narrow"))
     again = _refused("variants.py", str(synth_root), "--variant", "narrow", "--out", str(tmp_path / "runs"))
     assert again.returncode != 0 and "variant 'narrow'" in again.stderr and "already holds a run" in again.stderr
+    # a split file is used as it is, and each run records the settings it was made with (as btc train does)
+    split_file = tmp_path / "runs" / "base" / "split.parquet"
+    run_script("variants.py", str(split_file), "-s", "data.image_size=64", "-s", "train.epochs=1", "--variant", "again",
+               "--out", str(tmp_path / "again"))
+    assert "seed: 5" in (tmp_path / "again" / "again" / "config.yaml").read_text()
+    resplit = _refused("variants.py", str(split_file), "-s", "data.seed=7", "--variant", "x")
+    assert resplit.returncode == 2 and "was made with data.seed=5" in resplit.stderr
     skipped = run_script("variants.py", str(synth_root), "--variant", "late", "--time-budget", "0.001")
     assert table_rows(skipped) == [["late", "", "skipped: past --time-budget", "", "", "", "", "", "", ""]]
 
@@ -121,3 +128,11 @@ def test_variants_benchmark_trains_each_variant_on_one_split_and_reports_val_and
 def test_variants_benchmark_refuses_bad_variants_before_training(synth_root, args, message):
     done = _refused("variants.py", str(synth_root), *args)
     assert done.returncode != 0 and message in done.stderr
+
+
+def test_variants_benchmark_names_data_it_cannot_use_in_one_line(synth_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data, message in ((synth_root / "lesions.csv", "is not a readable Parquet file"),
+                          (tmp_path / "empty", "no class folders in")):
+        done = _refused("variants.py", str(data), "--variant", "x")
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
