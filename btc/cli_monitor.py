@@ -21,6 +21,7 @@ cannot be used.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -175,6 +176,7 @@ def rotate_log_command(
         moved = PredictionLog(log).rotate(archive)
     except ValueError as err:
         raise _error(str(err), 2) from None
-    except OSError as err:  # an archive folder that cannot be made, a read-only disk
-        raise _error(f"cannot rotate {str(log)!r} into {str(archive)!r}: {err}", 2) from None
+    except (OSError, sqlite3.Error) as err:  # a folder that cannot be made, a file SQLite cannot open, a lock
+        raise _error(f"cannot rotate {str(log)!r} into {str(archive)!r}: {err}; any rows already copied stay in "
+                     "both files, and running the command again finishes the job without copying them twice", 2) from None
     typer.echo(f"moved {moved} predictions from {log} to {archive}")

@@ -151,37 +151,54 @@ class PredictionLog:
             con.close()
 
     def rotate(self, archive: str | Path) -> int:
-        """Move every row into the prediction log ``archive`` (created, or appended to); returns how many.
+        """Move every row into the prediction log ``archive`` (created, or appended to); returns how many
+        left this log.
 
-        Safe while the service appends: the rows up to the last id are copied to the archive in one
-        transaction, then deleted from this log in another, so a row appended meanwhile stays here,
-        and a crash between the two leaves rows in both files, never in neither. (Moving the file
-        away instead is not safe under load: SQLite finds the write-ahead log by the file's name,
-        so a worker that still has the old file open can commit into the new one's and rows are lost.)
+        Safe while the service appends: the rows up to the last id are copied to the archive, keeping
+        their ids, in one transaction, then deleted from this log in another, so a row appended
+        meanwhile stays here, and a crash or a lock timeout between the two leaves rows in both
+        files, never in neither. Running it again then finishes the job without copying a row twice
+        (a row whose id the archive holds is not copied again). (Moving the file away instead is not
+        safe under load: SQLite finds the write-ahead log by the file's name, so a worker that still
+        has the old file open can commit into the new one's, and rows are lost.)
 
         Raises:
-            ValueError: the log does not exist, ``archive`` is this log, or either is not a prediction log.
+            ValueError: the log does not exist; ``archive`` is this log; either is not a prediction log;
+                the archive holds a different row under an id of this log's (rows of another log, or
+                of this one before it was started afresh): archive into a new file.
+            sqlite3.OperationalError: a file SQLite cannot open, or a lock held longer than 30 s.
         """
         archive = Path(archive)
         if not self.path.is_file():
             raise ValueError(f"prediction log {str(self.path)!r} does not exist; nothing to rotate")
         if archive.exists() and archive.resolve() == self.path.resolve():
             raise ValueError(f"the archive {str(archive)!r} is the prediction log itself; name another file")
-        PredictionLog(archive)._connect().close()  # the archive is a prediction log, or becomes one
-        with self._opened() as con:
+        with self._opened() as con:  # this log is checked before the archive is made
             last = con.execute("SELECT MAX(id) FROM predictions").fetchone()[0]
             if last is None:
+                PredictionLog(archive).count()  # nothing to move, but an archive that is no log is still named
                 return 0
-            columns = "ts, model_name, model_version, predicted, confidence, prob_entropy, probabilities, stats, " \
-                      "embedding, ood, image"
+            PredictionLog(archive)._connect().close()  # the archive is a prediction log, or becomes one
             con.execute("ATTACH DATABASE ? AS archive", (str(archive),))
-            with con:  # one transaction writing the archive only
-                moved = con.execute(f"INSERT INTO archive.predictions ({columns}) SELECT {columns} "
-                                    "FROM main.predictions WHERE id <= ? ORDER BY id", (last,)).rowcount
-            with con:  # then one deleting from this log only
-                con.execute("DELETE FROM main.predictions WHERE id <= ?", (last,))
-            con.execute("DETACH DATABASE archive")
-            return moved
+            try:
+                clash = con.execute(
+                    "SELECT p.id FROM main.predictions p JOIN archive.predictions a ON a.id = p.id WHERE p.id <= ? "
+                    "AND (a.ts IS NOT p.ts OR a.model_version IS NOT p.model_version OR a.embedding IS NOT p.embedding) "
+                    "LIMIT 1", (last,)).fetchone()
+                if clash:
+                    raise ValueError(f"the archive {str(archive)!r} already holds another prediction with id {clash[0]} "
+                                     "(rows of another log, or of this one before it was started afresh); rotate "
+                                     "into a new archive file")
+                columns = "id, ts, model_name, model_version, predicted, confidence, prob_entropy, probabilities, " \
+                          "stats, embedding, ood, image"
+                with con:  # one transaction writing the archive only; rows an interrupted run copied are there
+                    con.execute(f"INSERT INTO archive.predictions ({columns}) SELECT {columns} FROM main.predictions p "
+                                "WHERE p.id <= ? AND NOT EXISTS (SELECT 1 FROM archive.predictions a WHERE a.id = p.id) "
+                                "ORDER BY p.id", (last,))
+                with con:  # then one deleting from this log only
+                    return con.execute("DELETE FROM main.predictions WHERE id <= ?", (last,)).rowcount
+            finally:
+                con.execute("DETACH DATABASE archive")
 
     def read(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
         """Records in ``[since, until)`` (naive bounds mean UTC), with probabilities and stats expanded into columns.

@@ -167,6 +167,31 @@ def test_cli_rotate_log_moves_the_rows_and_names_what_it_cannot_use(predictor, g
         refused = CliRunner().invoke(app, ["rotate-log", str(archive), "--log", str(log.path)])
         assert refused.exit_code == 2 and message in refused.output, refused.output
     assert (tmp_path / "notes.txt").read_text() == "not a log"
+    refused = CliRunner().invoke(app, ["rotate-log", str(tmp_path / "new" / "b.sqlite"), "--log",
+                                       str(tmp_path / "notes.txt")])
+    assert refused.exit_code == 2 and "is not a prediction log" in refused.output
+    assert not (tmp_path / "new").exists()  # a refused rotation makes no archive
+    log.append(log_records(predictor, grays[:1], ts=DAY1))
+    unopenable = CliRunner().invoke(app, ["rotate-log", "/proc/no.sqlite", "--log", str(log.path)])
+    assert unopenable.exit_code == 2 and "cannot rotate" in unopenable.output and log.count() == 1
+
+
+def test_a_rotation_cut_short_after_the_copy_is_finished_without_copying_twice(predictor, grays, tmp_path):
+    import sqlite3
+
+    log, archive = PredictionLog(tmp_path / "predictions.sqlite"), PredictionLog(tmp_path / "archive.sqlite")
+    log.append(log_records(predictor, grays[:4], ts=DAY1))
+    archive.append([])  # made, empty
+    with sqlite3.connect(log.path) as con:  # what the first transaction leaves when the delete then fails
+        con.execute("ATTACH DATABASE ? AS archive", (str(archive.path),))
+        con.execute("INSERT INTO archive.predictions SELECT * FROM main.predictions WHERE id <= 3")
+    assert log.rotate(archive.path) == 4
+    assert archive.count() == 4 and log.count() == 0 and list(archive.read()["id"]) == [1, 2, 3, 4]
+    other = PredictionLog(tmp_path / "other.sqlite")  # another log's ids collide with those in the archive
+    other.append(log_records(predictor, grays[4:6], ts=DAY2))
+    with pytest.raises(ValueError, match="already holds another prediction with id 1.*new archive file"):
+        other.rotate(archive.path)
+    assert other.count() == 2 and archive.count() == 4
 
 
 def test_a_log_moved_away_while_in_use_is_started_afresh(predictor, grays, tmp_path):
