@@ -202,3 +202,18 @@ def test_a_class_missing_from_the_given_testing_folder_is_warned_about_as_such(t
     with caplog.at_level("WARNING", logger="btc.data.split"):
         split_without_leakage(build_manifest(data, progress=False))
     assert caplog.messages == ["class 'glioma' has no images in test (the dataset's Testing folder has none)"]
+
+
+def test_a_testing_folder_of_unreadable_files_alone_is_not_blamed_for_an_empty_test_class(tmp_path, synth_root, caplog):
+    """Its only file unreadable, the Testing folder gives no test split: the test split is drawn from training."""
+    data = tmp_path / "data"
+    for label in ("glioma", "meningioma", "notumor"):
+        shutil.copytree(synth_root / "Training" / label, data / "Training" / label)
+    (data / "Training" / "pituitary").mkdir(parents=True)
+    for src in sorted((synth_root / "Training" / "pituitary").iterdir())[:2]:
+        shutil.copy(src, data / "Training" / "pituitary" / src.name)
+    (data / "Testing" / "glioma").mkdir(parents=True)
+    (data / "Testing" / "glioma" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="btc.data.split"):
+        split_without_leakage(build_manifest(data, progress=False))
+    assert caplog.messages and all("too few to split" in m and "Testing folder" not in m for m in caplog.messages)

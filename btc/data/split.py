@@ -214,7 +214,7 @@ def _require_images_per_class(df: pd.DataFrame, usable: np.ndarray) -> None:
 def _warn_empty_splits(df: pd.DataFrame) -> None:
     counts = pd.crosstab(df["label"], df["split"]).reindex(columns=list(SPLITS), fill_value=0)
     counts = counts[counts.sum(axis=1) > 0]
-    given_test = (df["source_split"] == "test").any()  # the test split is the dataset's Testing folder, as it is
+    given_test = given_test_rows(df).any()  # the test split is the dataset's Testing folder (its usable images)
     for label, row in counts.iterrows():
         for split in SPLITS:
             if row[split] == 0:
