@@ -27,14 +27,17 @@ TRAIN_DISTANCE_BANDS = ((0, 40), (41, 48), (49, 56), (57, 64), (65, 256))
 
 def rows_to_evaluate(table: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
     """Readable rows of a manifest or split to evaluate (``split`` None: all readable rows a split did not
-    exclude)."""
+    exclude). A manifest or folder has no train/val split: with a Testing folder its test images are
+    the rows, whatever ``split`` says (its Training images are what a model learns from); without
+    one, every row."""
     rows = table[table["readable"]] if "readable" in table else table
     if "split" in rows:  # excluded by the split (exact copies, label conflicts): never evaluated
         rows = rows[rows["split"] != "excluded"]
-    if split is not None and "split" in rows:
-        rows = rows[rows["split"] == split]
-    elif split is not None and "source_split" in rows and (rows["source_split"] == "test").any():
-        rows = rows[rows["source_split"] == "test"]
+    if "split" in rows:
+        if split is not None:
+            rows = rows[rows["split"] == split]
+    elif "source_split" in rows and (rows["source_split"] == "test").any():
+        rows = rows[rows["source_split"] == "test"]  # a folder or manifest: its test images, whatever is asked
     if rows.empty:
         raise ValueError(f"no readable images to evaluate (split={split!r}); check the data folder or manifest")
     unknown = set(rows["label"]) - set(CLASSES)

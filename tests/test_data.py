@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from btc.data.discover import DatasetLayoutError, find_images
-from btc.data.images import ImageDecodeError, decode_gray
+from btc.data.images import ImageDecodeError, decode_gray, gray_of
 from btc.data.manifest import build_manifest, load_manifest, manifest_digest, save_manifest, unreadable
 from btc.labels import CLASSES, canonical_label
 
@@ -491,7 +491,6 @@ def test_dicom_rescale_slope_is_applied(tmp_path):
 
 
 def test_a_pil_image_decodes_as_its_file_does(tmp_path):
-    from btc.data.images import gray_of
 
     ramp16 = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 40)
     Image.fromarray(ramp16).save(tmp_path / "i16.png")
@@ -512,6 +511,20 @@ def test_exif_orientation_is_applied(tmp_path):
     gray, info = decode_gray(tmp_path / "turned.jpg")
     assert (info.width, info.height) == (40, 30) and gray.shape == (40, 30)
     assert gray[:5].mean() > 200 and gray[-5:].mean() < 50  # the left edge is now on top
+
+
+def test_a_pil_image_a_caller_holds_is_read_as_its_file_is(tmp_path):
+    """Predictor.predict_proba takes PIL images: same orientation and frame as btc predict on the file."""
+    arr = np.zeros((30, 40), np.uint8)
+    arr[:, :5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "turned.jpg", exif=exif.tobytes(), quality=95)
+    assert np.array_equal(gray_of(Image.open(tmp_path / "turned.jpg")), decode_gray(tmp_path / "turned.jpg")[0])
+    frames = [Image.new("L", (40, 30), value) for value in (0, 0, 255, 0, 0)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    stack = Image.open(tmp_path / "stack.tif")
+    assert np.array_equal(gray_of(stack), decode_gray(tmp_path / "stack.tif")[0]) and stack.tell() == 0
 
 
 @pytest.mark.parametrize("fmt", ["TIFF", "GIF"])

@@ -157,6 +157,16 @@ def test_rows_to_evaluate_errors(synth_split):
         rows_to_evaluate(bad, None)
 
 
+def test_a_manifest_is_evaluated_on_its_test_images_whatever_the_split_asked(synth_split):
+    """--split all on a dataset folder means its Testing images, never the Training ones a model learnt from."""
+    manifest = synth_split.drop(columns=["split"])
+    testing = manifest[manifest["readable"] & (manifest["source_split"] == "test")]
+    for split in ("test", None):
+        assert sorted(rows_to_evaluate(manifest, split)["path"]) == sorted(testing["path"])
+    flat = manifest.assign(source_split="")  # a flat folder: nothing says which images are test ones
+    assert len(rows_to_evaluate(flat, None)) == int(flat["readable"].sum())
+
+
 def test_gradcam_shapes_and_overlay(predictor, synth_split):
     paths = list(synth_split.loc[synth_split["split"] == "test", "path"][:3])
     batch = torch.from_numpy(np.stack([predictor.to_array(p) for p in paths]))

@@ -298,8 +298,22 @@ def gray_of(image: "bytes | str | Path | Image.Image | np.ndarray") -> np.ndarra
     if isinstance(image, (bytes, str, Path)):
         return decode_gray(image)[0]
     if isinstance(image, Image.Image):
-        return gray_of_pil(image)
+        return gray_of_pil(_upright(_middle_frame(image)))  # as a file of the same image is read
     return gray_from_array(image)
+
+
+def _middle_frame(im: Image.Image) -> Image.Image:
+    """The frame of ``im`` a file of it would be classified by (its middle one), leaving ``im`` where it was."""
+    if getattr(im, "n_frames", 1) <= 1:
+        return im
+    position = im.tell()
+    try:
+        seek_middle_frame(im)
+        frame = im.copy()
+        frame.info = dict(im.info)  # its EXIF orientation goes with it
+        return frame
+    finally:
+        im.seek(position)
 
 
 def gray_from_array(array: np.ndarray) -> np.ndarray:
