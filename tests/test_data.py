@@ -394,6 +394,21 @@ def test_a_file_changed_since_the_manifest_is_named_when_decoded(tmp_path):
         cached_images(m, 32, tmp_path / "cache", progress=False)
 
 
+def test_a_warm_cache_names_a_file_changed_since_the_manifest_as_a_cold_one_does(tmp_path):
+    from btc.data.cache import cached_images
+
+    _write(tmp_path / "glioma" / "a.jpg")
+    changed = _write(tmp_path / "glioma" / "b.jpg")
+    m = build_manifest(tmp_path, progress=False)
+    cached_images(m, 32, tmp_path / "cache", progress=False)  # warm
+    Image.new("L", (40, 30), 255).save(changed)
+    with pytest.raises(ImageDecodeError, match=f"^{changed}: changed since the manifest was built"):
+        cached_images(m, 32, tmp_path / "cache", progress=False)
+    changed.unlink()
+    with pytest.raises(ImageDecodeError, match=f"^{changed}: cannot read file: No such file"):
+        cached_images(m, 32, tmp_path / "cache", progress=False)
+
+
 def test_an_image_replaced_by_another_since_the_manifest_is_not_cached(tmp_path):
     """The cache is named by the manifest's hashes: other pixels must never be stored under that name."""
     from btc.data.cache import cached_images

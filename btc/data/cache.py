@@ -3,7 +3,8 @@
 Training reads batches straight from one ``uint8 [N, size, size]`` array (memory-mapped from
 ``.npy``), so no epoch decodes a JPEG again. The cache file's name is a digest of the files'
 hashes, the size and the decoder's version, so a changed dataset, size or decoder never reuses a
-stale cache; the bytes decoded into it are checked against those hashes.
+stale cache; the bytes decoded into it, and the files again on every cache hit, are checked against
+those hashes.
 """
 
 from __future__ import annotations
@@ -31,14 +32,23 @@ def load_resized(path: str | Path, size: int, sha256: str | None = None) -> np.n
         ImageDecodeError: the file cannot be used, or is not the file the manifest hashed; the
             message names it (it may have changed or moved since the manifest was built).
     """
+    data = _bytes_of(path, sha256)
     try:
-        data = read_image_file(path)
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise ImageDecodeError("changed since the manifest was built (its SHA-256 differs); build the "
-                                   "manifest and split again (btc data manifest / btc data split)")
         return resize_gray(decode_gray(data)[0], size)
     except ImageDecodeError as err:
         raise ImageDecodeError(f"{path}: {err}") from None
+
+
+def _bytes_of(path: str | Path, sha256: str | None) -> bytes:
+    """The file's bytes, refused (naming the file) when unreadable or not those ``sha256`` names."""
+    try:
+        data = read_image_file(path)
+    except ImageDecodeError as err:
+        raise ImageDecodeError(f"{path}: {err}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ImageDecodeError(f"{path}: changed since the manifest was built (its SHA-256 differs); build the "
+                               "manifest and split again (btc data manifest / btc data split)")
+    return data
 
 
 def decode_all(paths: list[str], size: int, *, workers: int = 4, progress: bool = True,
@@ -63,6 +73,19 @@ def decode_rows(rows: pd.DataFrame, size: int, *, progress: bool = True) -> np.n
     return decode_all(list(rows["path"]), size, progress=progress, sha256=hashes)
 
 
+def check_unchanged(rows: pd.DataFrame, *, workers: int = 4) -> None:
+    """Refuse, as decoding would, when a file's bytes are no longer those its row's ``sha256`` names.
+
+    Hashing is far cheaper than decoding (0.42 s for the 4,677 real train and val images here), so a cache hit
+    keeps its speed and never trains on pixels of files that have since changed without a word.
+
+    Raises:
+        ImageDecodeError: a file that cannot be read or changed since the manifest was built (named).
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda job: _bytes_of(*job), zip(rows["path"], rows["sha256"])))
+
+
 def cache_key(rows: pd.DataFrame, size: int) -> str:
     """Digest naming the cache of these rows (in order) at this size."""
     digest = hashlib.sha256(f"{size}\ndecoder {DECODER_VERSION}\n".encode() + "\n".join(rows["sha256"]).encode())
@@ -80,6 +103,7 @@ def cached_images(rows: pd.DataFrame, size: int, cache_dir: Path, *, progress: b
     cache_dir = Path(cache_dir)
     target = cache_dir / f"images-{cache_key(rows, size)}.npy"
     if target.is_file():
+        check_unchanged(rows)  # a warm cache answers as a cold one would: a changed file is named either way
         return np.load(target, mmap_mode="r")
     # The bytes must be those the manifest hashed: the cache is named by those hashes.
     images = decode_rows(rows, size, progress=progress)
