@@ -290,13 +290,22 @@ def _flag_against_training(rows, model: str, against: Path | None, max_distance:
 EVAL_SPLITS = ("test", "val", "train", "all")
 
 
+def evaluation_folder_name(data: Path | None, split: str) -> str:
+    """``evaluation`` for a run's own test split (as ``btc train`` wrote it), else a name of its own, so
+    evaluating other data never replaces the run's test evaluation."""
+    parts = ([data.stem or data.name] if data is not None else []) + ([split] if split != "test" else [])
+    return "-".join(["evaluation", *parts])
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="model.pt path or MLflow URI (models:/name@champion)")],
     data: Annotated[Optional[Path], typer.Option(help="dataset folder, manifest or split .parquet; default the run's split")] = None,
     split: Annotated[str, typer.Option(help="which split of a split file to use: test, val, train or all (every "
                                             "readable image); a folder or manifest has only its test images")] = "test",
-    out: Annotated[Optional[Path], typer.Option(help="folder for metrics.json and plots")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="folder for metrics.json and plots; default beside a model.pt: evaluation/ for its own test split (what "
+             "btc train wrote), evaluation-<data>[-<split>]/ for other data or splits")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the metrics JSON here")] = None,
     against: Annotated[Optional[Path], typer.Option(
         help="for a folder: flag near duplicates of the model's training images from this split .parquet "
@@ -311,7 +320,7 @@ def evaluate(
         raise fail(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     local = not is_mlflow_uri(model)
     cfg = _config(config, set_, Path(model).parent / "config.yaml" if local else None)
-    out_dir = out or (Path(model).parent / "evaluation" if local else Path("evaluation"))
+    out_dir = out or (Path(model).parent / evaluation_folder_name(data, split) if local else Path("evaluation"))
     _evaluate(model, data, None if split == "all" else split, out_dir, json_path, cfg, against)
 
 

@@ -48,6 +48,9 @@ def evaluation_artifacts(predictor: Predictor, rows: pd.DataFrame, out_dir: Path
     if gradcam_per_class:
         files["gradcam_grid"] = plots.gradcam_grid_plot(gradcam_examples(predictor, rows, gradcam_per_class),
                                                         out_dir / "gradcam_grid.png")
+    for optional in ("training_curves", "gradcam_grid"):  # an earlier evaluation's, if not made this time:
+        if optional not in files:  # one folder never mixes two evaluations
+            (out_dir / f"{optional}.png").unlink(missing_ok=True)
     report["artifacts"] = {k: str(v) for k, v in files.items()}
     report["artifacts"]["metrics"] = str(write_report(report, out_dir / "metrics.json"))
     return report

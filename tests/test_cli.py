@@ -130,6 +130,12 @@ def test_train_evaluate_predict_explain(tmp_path, synth_root):
     assert "4 of 8 images are within 40 bits of a training image" in res.output
     ext = json.loads((tmp_path / "ext.json").read_text())
     assert ext["n_images"] == 8 and ext["clean"]["n_images"] == 4 and ext["n_near_duplicates_of_train"] == 4
+    # other data gets a folder of its own beside the model: the run's test evaluation stays as btc train wrote it
+    assert json.loads((run / "evaluation-ext" / "metrics.json").read_text())["n_images"] == 8
+    assert json.loads((run / "evaluation" / "metrics.json").read_text())["n_images"] != 8
+    assert (tmp_path / "ev" / "gradcam_grid.png").is_file()
+    res = invoke("evaluate", "--model", model, "--out", tmp_path / "ev", "-s", "eval.gradcam_per_class=0")
+    assert res.exit_code == 0 and not (tmp_path / "ev" / "gradcam_grid.png").exists()  # no plot of the last one
     res = invoke("evaluate", "--model", model, "--data", tmp_path / "ext", "--against", tmp_path / "ext")
     assert res.exit_code == 2 and "not a split (no 'split' column)" in res.output
     res = invoke("evaluate", "--model", model, "--data", tmp_path / "missing.parquet")
